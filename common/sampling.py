@@ -1,0 +1,82 @@
+"""Flow-matching sampling shared by the families: sigma schedule, guidance and the Euler loop.
+
+Conventions (stated once here): sigma runs from 1 (pure noise) to 0 (clean image); the latent
+moves as x <- x + (sigma_next - sigma) * v with v the velocity (noise - x0). N steps means exactly N
+calls to `velocity` (each call may run the model once per guidance branch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+def get_sigmas(num_steps: int, shift: float) -> torch.Tensor:
+    """Shifted flow-matching schedule: (num_steps + 1,) fp32, from 1.0 down to a final 0.
+
+    sigma_i = linspace(1, 1/N, N), shifted by s*sig / (1 + (s-1)*sig) (the Flux/SD3 time shift;
+    s > 1 spends more steps at high noise). Computed in fp32 like the reference scheduler.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1 (got {num_steps})")
+    if shift <= 0:
+        raise ValueError(f"flow shift must be > 0 (got {shift})")
+    sigmas = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float32)
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float32)])
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance options.
+
+    scale: g in pred = pos + g * (pos - neg); guidance is on when g > 0.
+    normalization: k; if ||pred|| > k * ||pos|| (per sample, whole tensor, fp32) pred is rescaled to
+        that norm. 0 disables it (True in settings means 1.0).
+    truncation: c; on steps where t = 1 - sigma > c guidance is switched off (and the negative
+        branch skipped). c >= 1 never truncates.
+    """
+
+    scale: float = 0.0
+    normalization: float = 0.0
+    truncation: float = 1.0
+
+    def scale_at(self, sigma: float) -> float:
+        """Guidance scale to use at this sigma (0 means: run the positive branch only)."""
+        if self.scale <= 0:
+            return 0.0
+        if self.truncation <= 1 and (1.0 - sigma) > self.truncation:
+            return 0.0
+        return self.scale
+
+
+def apply_guidance(pos: torch.Tensor, neg: torch.Tensor, scale: float, normalization: float) -> torch.Tensor:
+    """pred = pos + scale * (pos - neg), then the optional norm cap. pos/neg: (B, ...) fp32."""
+    pred = pos + scale * (pos - neg)
+    if normalization > 0:
+        dims = tuple(range(1, pred.ndim))
+        pos_norm = torch.linalg.vector_norm(pos, dim=dims, keepdim=True)
+        pred_norm = torch.linalg.vector_norm(pred, dim=dims, keepdim=True)
+        limit = pos_norm * normalization
+        pred = torch.where(pred_norm > limit, pred * (limit / pred_norm), pred)
+    return pred
+
+
+VelocityFn = Callable[[torch.Tensor, float, int], torch.Tensor]
+StepFn = Callable[[int, torch.Tensor], None]
+
+
+def denoise(latents: torch.Tensor, sigmas: torch.Tensor, velocity: VelocityFn, on_step: StepFn | None = None) -> torch.Tensor:
+    """Euler integration of the flow from sigmas[0] to sigmas[-1].
+
+    latents: (B, C, H, W) fp32 noise at sigmas[0]. velocity(latents, sigma, step) -> fp32 v of the
+    same shape. on_step(step, latents) runs after each step and may raise to cancel.
+    """
+    for step in range(len(sigmas) - 1):
+        v = velocity(latents, float(sigmas[step]), step)
+        latents = latents + (sigmas[step + 1] - sigmas[step]) * v  # fp32 step, as the reference
+        if on_step is not None:
+            on_step(step, latents)
+    return latents
