@@ -1,0 +1,252 @@
+"""Z-Image text-to-image pipeline: encode prompt -> prepare noise -> denoise -> decode.
+
+The model's two conventions are converted at exactly one seam, `ZImagePipeline.velocity`:
+the transformer takes t = 1 - sigma and returns x0 - noise, the negated flow velocity.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common.errors import NonFiniteOutputError
+from common.sampling import Guidance, apply_guidance, denoise, get_sigmas
+from models.z_image.settings_z_image import GenerationSettings
+from models.z_image.transformer_z_image import ZImageConfig, ZImageTransformer
+
+log = logging.getLogger(__name__)
+
+LATENT_CHANNELS = 16
+VAE_FACTOR = 8
+
+
+@dataclass(frozen=True)
+class ZImageComponents:
+    """Resolved local paths of the four parts (see docs/DESIGN.md for what each may be)."""
+
+    transformer: Path
+    text_encoder: Path
+    tokenizer: Path
+    vae: Path
+    text_encoder_config: Path | None = None
+    vae_config: Path | None = None
+    transformer_config: Path | None = None
+
+    @classmethod
+    def from_diffusers_folder(cls, folder: Path) -> ZImageComponents:
+        """A folder as downloaded from Tongyi-MAI/Z-Image(-Turbo): transformer/ text_encoder/ tokenizer/ vae/."""
+        folder = Path(folder)
+        return cls(
+            transformer=folder / "transformer",
+            text_encoder=folder / "text_encoder",
+            tokenizer=folder / "tokenizer",
+            vae=folder / "vae",
+        )
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    device: str = "cpu"
+    dtype: torch.dtype = torch.bfloat16  # transformer and text encoder
+    vae_dtype: torch.dtype = torch.float32
+
+
+@dataclass
+class EncodedPrompt:
+    embeds: torch.Tensor  # (L, hidden) masked-in tokens only
+    tokens: int  # tokens before truncation (chat template included)
+    truncated: bool
+
+
+@dataclass
+class StepEvent:
+    step: int  # 1-based
+    total: int
+    elapsed_s: float
+    latents: torch.Tensor  # (B, 16, H/8, W/8) fp32
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seed: int
+    settings: GenerationSettings
+    prompt_tokens: int
+    truncated: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+StepCallback = Callable[[StepEvent], None]
+BeforeStepCallback = Callable[[int, int], None]
+
+
+class ZImagePipeline:
+    """Holds the built parts; `generate` runs one settings dict. Device and dtypes come from the caller."""
+
+    def __init__(self, transformer: ZImageTransformer, text_encoder: Any, tokenizer: Any, vae: Any, device: str = "cpu"):
+        self.transformer = transformer
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.vae = vae
+        self.device = torch.device(device)
+        # Batch the positive and negative branches in one forward (faster) or run them one after the
+        # other (half the activation memory): the host turns this off when memory is tight.
+        self.batch_cfg = True
+        # Replaceable prompt encoder (the host may wrap it with a cache).
+        self.encode_prompt: Callable[[str, int], EncodedPrompt] = self._encode_prompt
+
+    @classmethod
+    def from_components(cls, components: ZImageComponents, options: LoadOptions) -> ZImagePipeline:
+        """Load the four parts from local paths (any supported layout)."""
+        from models.z_image import loading_z_image as loading
+
+        config = ZImageConfig.from_json(components.transformer_config) if components.transformer_config else None
+        transformer = loading.load_transformer(components.transformer, config, options.dtype, options.device)
+        text_encoder = loading.load_text_encoder(
+            components.text_encoder, components.text_encoder_config, options.dtype, options.device
+        )
+        tokenizer = loading.load_tokenizer(components.tokenizer)
+        vae = loading.load_vae(components.vae, components.vae_config, options.vae_dtype, options.device)
+        return cls(transformer, text_encoder, tokenizer, vae, options.device)
+
+    def release(self) -> None:
+        """Drop the weights so their memory can be reclaimed."""
+        self.transformer = self.text_encoder = self.vae = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- 1. prompt ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _encode_prompt(self, prompt: str, max_sequence_length: int) -> EncodedPrompt:
+        """Chat template (thinking enabled) -> Qwen3 -> hidden_states[-2] of the real tokens.
+
+        The reference pads to max_sequence_length and then drops the pad rows; the encoder is causal,
+        so running the real tokens alone gives the same rows without computing hundreds of pads.
+        """
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+        )
+        total = len(self.tokenizer(text).input_ids)
+        ids = self.tokenizer(text, truncation=True, max_length=max_sequence_length, return_tensors="pt").input_ids
+        if total > max_sequence_length:
+            log.warning(
+                "prompt is %d tokens, over max_sequence_length=%d: the end is cut off", total, max_sequence_length
+            )
+        ids = ids.to(self.device)
+        mask = torch.ones_like(ids)
+        hidden = self.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+        return EncodedPrompt(hidden[0], total, total > max_sequence_length)
+
+    # -- 2. noise -------------------------------------------------------------------------------
+
+    @staticmethod
+    def prepare_latents(batch: int, width: int, height: int, seed: int) -> torch.Tensor:
+        """fp32 noise from a CPU generator, so a seed gives the same image on any device."""
+        generator = torch.Generator("cpu").manual_seed(seed)
+        shape = (batch, LATENT_CHANNELS, height // VAE_FACTOR, width // VAE_FACTOR)
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+    # -- 3. denoise -----------------------------------------------------------------------------
+
+    def velocity(
+        self, latents: torch.Tensor, sigma: float, pos: list[torch.Tensor], neg: list[torch.Tensor], guidance: Guidance
+    ) -> torch.Tensor:
+        """The seam: t = 1 - sigma in, v = -(model output) out, guidance combined in fp32."""
+        scale = guidance.scale_at(sigma)
+        B = latents.shape[0]
+        x = latents.to(self.transformer.dtype)
+        t = torch.full((B,), 1.0 - sigma, dtype=torch.float32, device=latents.device)
+        if scale == 0:
+            out = self.transformer(x, t, pos).float()
+        elif self.batch_cfg:
+            both = self.transformer(torch.cat([x, x]), torch.cat([t, t]), pos + neg).float()
+            out = apply_guidance(both[:B], both[B:], scale, guidance.normalization)
+        else:
+            out_pos = self.transformer(x, t, pos).float()
+            out_neg = self.transformer(x, t, neg).float()
+            out = apply_guidance(out_pos, out_neg, scale, guidance.normalization)
+        return -out  # model output is x0 - noise; the flow velocity is noise - x0
+
+    # -- 4. decode ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """VAE-decode one image at a time (bounded memory); scale/shift from the VAE's own config."""
+        cfg = self.vae.config
+        images = []
+        for item in latents:
+            z = item[None].to(self.vae.dtype) / cfg.scaling_factor + cfg.shift_factor
+            pixels = self.vae.decode(z, return_dict=False)[0].float()
+            images.append(_to_pil(pixels[0]))
+        return images
+
+    # -- all together ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        settings: Mapping[str, Any] | GenerationSettings,
+        on_step: StepCallback | None = None,
+        before_step: BeforeStepCallback | None = None,
+    ) -> GenerationResult:
+        """Generate `batch_size` images for one prompt. on_step may raise GenerationCancelled."""
+        s = settings if isinstance(settings, GenerationSettings) else GenerationSettings.from_dict(dict(settings))
+        seed = s.seed if s.seed >= 0 else secrets.randbelow(2**32)
+        guidance = Guidance(s.guidance_scale, s.cfg_normalization, s.cfg_truncation)
+        timings: dict[str, float] = {}
+
+        start = time.perf_counter()
+        pos = self.encode_prompt(s.prompt, s.max_sequence_length)
+        neg = self.encode_prompt(s.negative_prompt, s.max_sequence_length) if s.uses_guidance else None
+        timings["text_encoding_s"] = time.perf_counter() - start
+
+        latents = self.prepare_latents(s.batch_size, s.width, s.height, seed).to(self.device)
+        sigmas = get_sigmas(s.num_inference_steps, s.flow_shift).to(self.device)
+        pos_list = [pos.embeds] * s.batch_size
+        neg_list = [neg.embeds] * s.batch_size if neg is not None else []
+
+        start = time.perf_counter()
+
+        def velocity(x: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
+            if before_step is not None:
+                before_step(step, s.num_inference_steps)
+            return self.velocity(x, sigma, pos_list, neg_list, guidance)
+
+        def step_done(step: int, x: torch.Tensor) -> None:
+            if on_step is not None:
+                on_step(StepEvent(step + 1, s.num_inference_steps, time.perf_counter() - start, x))
+
+        latents = denoise(latents, sigmas, velocity, step_done)
+        timings["denoise_s"] = time.perf_counter() - start
+        timings["s_per_it"] = timings["denoise_s"] / s.num_inference_steps
+        check_finite(latents)
+
+        start = time.perf_counter()
+        images = self.decode(latents)
+        timings["vae_decode_s"] = time.perf_counter() - start
+        return GenerationResult(images, seed, s, pos.tokens, pos.truncated, timings)
+
+
+def check_finite(latents: torch.Tensor) -> None:
+    """Refuse to decode NaN/inf latents into a silent black image."""
+    if not torch.isfinite(latents).all():
+        raise NonFiniteOutputError(
+            "the denoised latents contain NaN/inf, so the image would be black. Try another attention "
+            "backend (--attention sdpa), bf16 instead of fp16, or the bf16 weights instead of int8."
+        )
+
+
+def _to_pil(pixels: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] -> 8-bit RGB, rounded like the reference image processor."""
+    array = (pixels / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray((array * 255).round().astype(np.uint8))
