@@ -1,0 +1,80 @@
+"""Python API: `wgp.load_model("z_image_base", **options).generate(prompt=..., seed=...)` -> PIL images.
+
+Settings use the task-file names. One session (and one loaded model) is shared by the calls of a
+process; `release_model()` frees it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from host.session import HostConfig, Session, TaskResult
+
+_SESSION: Session | None = None
+
+
+def get_session(config: HostConfig | None = None) -> Session:
+    """The process-wide session (a new config replaces it, releasing its model)."""
+    global _SESSION
+    if _SESSION is None or (config is not None and config != _SESSION.config):
+        if _SESSION is not None:
+            _SESSION.release()
+        _SESSION = Session(config)
+    return _SESSION
+
+
+class Model:
+    """A loaded model type; `generate` takes the settings of a task file as keyword arguments."""
+
+    def __init__(self, session: Session, model_type: str, defaults: dict[str, Any]):
+        self.session = session
+        self.model_type = model_type
+        self.defaults = defaults
+        self.last_result: TaskResult | None = None
+
+    def generate(self, prompt: str | None = None, *, output_dir: str | Path | None = None, **settings: Any) -> list[Any]:
+        """Generate images (PIL). `output_dir` also saves them as the CLI does (settings embedded).
+
+        The used seed and the full settings are in `self.last_result.settings`.
+        """
+        raw = {**self.defaults, **settings, "model_type": self.model_type}
+        if prompt is not None:
+            raw["prompt"] = prompt
+        task = self.session.prepare(raw, "generate()")
+        self.last_result = self.session.run(task)
+        if output_dir is not None:
+            self.session.save(self.last_result, Path(output_dir))
+        return self.last_result.images
+
+    def release(self) -> None:
+        """Free the model's memory (the next `generate` loads it again)."""
+        self.session.release()
+
+
+def load_model(
+    model_type: str,
+    *,
+    checkpoints_dirs: list[str | Path] | None = None,
+    ckpts: str | Path | None = None,
+    offline: bool = False,
+    device: str | None = None,
+    **defaults: Any,
+) -> Model:
+    """Load (downloading if needed) a model type; `defaults` are settings for every `generate` call.
+
+    Loading happens now, so a missing file or a bad setting is reported here, not at the first image.
+    """
+    config = HostConfig(extra_ckpts=[Path(p) for p in checkpoints_dirs or []], allow_download=not offline, device=device)
+    if ckpts is not None:
+        config.ckpts = Path(ckpts)
+    session = get_session(config)
+    task = session.prepare({**defaults, "model_type": model_type}, "load_model()")
+    session.model_for(task, session.files_for(task))
+    return Model(session, model_type, defaults)
+
+
+def release_model() -> None:
+    """Free the loaded model, if any."""
+    if _SESSION is not None:
+        _SESSION.release()

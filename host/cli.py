@@ -1,0 +1,241 @@
+"""Command line: web UI (default), `--process`, one-shot `--prompt`, `--selftest`, `--list-models`.
+
+Exit codes: 0 when every task succeeded, 1 when any failed (the others still ran and were saved),
+130 on Ctrl-C. This module's own output goes to the terminal with print; everything else logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from common.errors import GenerationCancelled, UserInputError
+from host import PROGRAM_NAME, __version__
+from host.outputs import EXTENSIONS
+from host.progress import ProgressBar, timing_line
+from host.session import HostConfig, Session
+from host.tasks import PreparedTask, RawTask, prepare_tasks, read_task_files
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+ONE_SHOT_FLAGS = {  # flag dest -> settings key
+    "prompt": "prompt",
+    "negative_prompt": "negative_prompt",
+    "seed": "seed",
+    "steps": "num_inference_steps",
+    "guidance": "guidance_scale",
+    "flow_shift": "flow_shift",
+    "resolution": "resolution",
+    "batch_size": "batch_size",
+    "quantization": "quantization",
+    "attention": "attention",
+    "output_format": "output_format",
+}
+
+
+def build_parser(session: Session | None = None) -> argparse.ArgumentParser:
+    """All flags; each family adds its own (`--lora-dir-<family>`)."""
+    p = argparse.ArgumentParser(prog="wgp.py", description=f"{PROGRAM_NAME} {__version__}: local image generation")
+    act = p.add_argument_group("what to do (default: the web UI)")
+    act.add_argument("--process", nargs="+", type=Path, metavar="FILE", help="run task files (JSON or saved images)")
+    act.add_argument("--model", help="one-shot: model type (preset id), with --prompt")
+    act.add_argument("--selftest", action="store_true", help="generate with the tiny self-test model (no download)")
+    act.add_argument("--list-models", action="store_true", help="list the model types and exit")
+    gen = p.add_argument_group("one-shot settings (override the preset)")
+    gen.add_argument("--prompt")
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--seed", type=int, help="-1 = random")
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--guidance", type=float)
+    gen.add_argument("--flow-shift", type=float)
+    gen.add_argument("--resolution", help="WxH, e.g. 1024x768")
+    gen.add_argument("--batch-size", type=int)
+    gen.add_argument("--output", type=Path, help="one-shot: exact output file (never overwritten)")
+    run = p.add_argument_group("files and running")
+    run.add_argument("--output-dir", type=Path, help="where images go (default: outputs/)")
+    run.add_argument("--output-format", choices=sorted(EXTENSIONS))
+    run.add_argument("--quantization", choices=["int8", "bf16", "fp16", "fp32"])
+    run.add_argument("--attention", help="attention backend (default: auto from the preset)")
+    run.add_argument(
+        "--checkpoints-dir",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="extra folder to find model files in (ComfyUI models, HF cache); repeatable",
+    )
+    run.add_argument("--ckpts", type=Path, help="main checkpoint folder, downloads go here (default: ckpts/)")
+    run.add_argument("--offline", action="store_true", help="never download; report missing files")
+    run.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    run.add_argument("-v", "--verbose", action="store_true")
+    web = p.add_argument_group("web UI")
+    web.add_argument("--server-port", type=int, default=7860)
+    web.add_argument("--listen", action="store_true", help="serve on all interfaces (not only 127.0.0.1)")
+    web.add_argument("--share", action="store_true", help="Gradio share link")
+    dev = p.add_argument_group("development (point the host at other folders)")
+    dev.add_argument("--models-root", type=Path, help=argparse.SUPPRESS)
+    dev.add_argument("--defaults-dir", type=Path, help=argparse.SUPPRESS)
+    dev.add_argument("--finetunes-dir", type=Path, help=argparse.SUPPRESS)
+    if session is not None:
+        for family in session.registry.families.values():
+            family.handler.register_lora_cli_args(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> HostConfig:
+    """HostConfig from the parsed flags (defaults where a flag is absent)."""
+    config = HostConfig(extra_ckpts=list(args.checkpoints_dir), allow_download=not args.offline, device=args.device, lora_args=args)
+    for flag, attr in (
+        ("models_root", "models_root"),
+        ("defaults_dir", "defaults_dir"),
+        ("finetunes_dir", "finetunes_dir"),
+        ("ckpts", "ckpts"),
+        ("output_dir", "output_dir"),
+    ):
+        if getattr(args, flag) is not None:
+            setattr(config, attr, getattr(args, flag))
+    return config
+
+
+def session_from_args(argv: Sequence[str]) -> tuple[Session, argparse.Namespace]:
+    """Parse twice: first to find the folders, then with the families' own flags added."""
+    first, _ = build_parser().parse_known_args(argv)
+    session = Session(config_from_args(first))
+    args = build_parser(session).parse_args(argv)
+    session.config = config_from_args(args)
+    return session, args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python wgp.py`; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        session, args = session_from_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        return _dispatch(session, args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except UserInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _dispatch(session: Session, args: argparse.Namespace) -> int:
+    for message in session.catalog.errors:
+        print(f"warning: preset skipped: {message}", file=sys.stderr)
+    if args.list_models:
+        return list_models(session)
+    if args.selftest:
+        presets = [p for p in session.catalog.presets.values() if p.model_def.get("selftest")]
+        if not presets:
+            print('error: no self-test preset found (a preset with "selftest": true)', file=sys.stderr)
+            return EXIT_FAILED
+        raw = [RawTask({"model_type": p.model_type, **_one_shot_settings(args)}, f"selftest {p.model_type}") for p in presets]
+        return run_tasks(session, raw, args.output_dir)
+    if args.process:
+        tasks, unreadable = read_task_files(args.process)
+        return run_tasks(session, tasks, args.output_dir, failed=unreadable)
+    if args.model or args.prompt is not None:
+        if not args.model:
+            print("error: --prompt needs --model (see --list-models)", file=sys.stderr)
+            return EXIT_FAILED
+        raw = [RawTask({"model_type": args.model, **_one_shot_settings(args)}, "command line")]
+        return run_tasks(session, raw, args.output_dir, output_file=args.output)
+    return launch_web(args)
+
+
+def _one_shot_settings(args: argparse.Namespace) -> dict[str, Any]:
+    settings = {key: getattr(args, dest) for dest, key in ONE_SHOT_FLAGS.items() if getattr(args, dest) is not None}
+    if args.output is not None and "output_format" not in settings:
+        suffix = args.output.suffix.lower().lstrip(".")
+        settings["output_format"] = {"jpg": "jpeg"}.get(suffix, suffix) if suffix else "png"
+    return settings
+
+
+def list_models(session: Session) -> int:
+    """Model types grouped by family (order, label), hidden presets left out."""
+    registry = session.registry
+    for family in sorted(registry.families.values(), key=lambda f: (f.order, f.label)):
+        print(f"{family.label}:")
+        for preset in sorted(session.catalog.presets.values(), key=lambda p: p.model_type):
+            if preset.visible and registry.family_of.get(preset.architecture) == family.name:
+                print(f"  {preset.model_type:<24} {preset.name}")
+    return EXIT_OK
+
+
+def run_tasks(
+    session: Session,
+    raw: list[RawTask],
+    output_dir: Path | None,
+    output_file: Path | None = None,
+    failed: list[PreparedTask] | None = None,
+) -> int:
+    """Validate all tasks, then run the valid ones in order; failures are reported, not fatal."""
+    failures = list(failed or [])
+    for item in failures:
+        print(f"FAILED {item.where}: {item.error}", file=sys.stderr)
+    prepared = prepare_tasks(session, raw)
+    for item in prepared:
+        if item.error is not None:
+            print(f"FAILED {item.where}: {item.error}", file=sys.stderr)
+            failures.append(item)
+    valid = [p for p in prepared if p.task is not None]
+    for number, item in enumerate(valid, 1):
+        if not _run_one(session, item, f"[{number}/{len(valid)}]", output_dir, output_file):
+            failures.append(item)
+    total = len(prepared) + len(failed or [])
+    print(
+        f"{total - len(failures)} of {total} task(s) succeeded"
+        + ("" if not failures else "; failed: " + ", ".join(f.where for f in failures))
+    )
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def _run_one(session: Session, item: PreparedTask, label: str, output_dir: Path | None, output_file: Path | None) -> bool:
+    """One task: progress bar, timing line, saved paths. Returns False (after reporting) on failure."""
+    task = item.task
+    assert task is not None
+    print(f"{label} {task.model_type}: {str(task.settings.get('prompt', ''))[:70]!r}")
+    bar = ProgressBar(f"{label} {task.model_type}")
+    try:
+        result = session.run(task, on_step=bar)
+        paths = session.save(result, output_dir, output_file)
+    except (UserInputError, GenerationCancelled) as exc:
+        bar.close()
+        print(f"FAILED {item.where}: {exc}", file=sys.stderr)
+        item.error = str(exc)
+        return False
+    except Exception as exc:  # noqa: BLE001 - out of memory, a disk error, a bug: this task fails, the others run
+        bar.close()
+        log.error("task %s failed", item.where, exc_info=True)
+        print(f"FAILED {item.where}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        item.error = str(exc)
+        return False
+    print(
+        f"{label} seed {result.settings['seed']} | " + timing_line(result.info["timings"], result.peak_gb, result.peak_what, result.load_s)
+    )
+    for path in paths:
+        print(f"saved {path}")
+    return True
+
+
+def launch_web(args: argparse.Namespace) -> int:
+    """The web UI lives in host/web.py (issue 6); imported only when asked for."""
+    try:
+        from host import web
+    except ModuleNotFoundError as exc:
+        if exc.name != "host.web":
+            raise
+        print(
+            "The web UI (host/web.py) is not part of this build yet. Use --process TASKS.json, "
+            "--model M --prompt '...', --selftest or --list-models (see --help).",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return int(web.launch(args) or EXIT_OK)

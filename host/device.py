@@ -1,0 +1,93 @@
+"""Device, dtype and attention backend: chosen once, at the edge, and passed down.
+
+CUDA when available (bf16 weights and compute), else the CPU in fp32 (CPUs without native bf16 are
+slow and less exact in it). The attention backend comes from the user's setting or, for "auto",
+from the preset's rules keyed by compute capability (`{"<89": "sdpa"}`), defaulting to SDPA.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from common.errors import SettingsError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ATTENTION = "sdpa"
+_RULE = re.compile(r"^\s*(<=|>=|<|>|==)?\s*(\d+)\s*$")
+_OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, None: operator.eq}
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    """Where and in what precision to run: `capability` is e.g. 89 for an RTX 4090, None on CPU."""
+
+    device: str
+    dtype: torch.dtype
+    capability: int | None
+
+    @property
+    def label(self) -> str:
+        if self.device.startswith("cuda"):
+            return f"{torch.cuda.get_device_name(self.device)} (sm_{self.capability}, {_dtype_name(self.dtype)})"
+        return f"CPU ({_dtype_name(self.dtype)})"
+
+
+def choose_device(requested: str | None = None) -> DeviceChoice:
+    """`requested` "cpu"/"cuda"/"cuda:N" or None for the best available."""
+    device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SettingsError(f"device '{device}' asked for, but no CUDA GPU is visible to torch")
+        major, minor = torch.cuda.get_device_capability(device)
+        return DeviceChoice(device, torch.bfloat16, major * 10 + minor)
+    if device != "cpu":
+        raise SettingsError(f"unknown device '{device}': use cpu, cuda or cuda:N")
+    return DeviceChoice("cpu", torch.float32, None)
+
+
+def attention_backend(setting: str, rules: Mapping[str, str] | None, capability: int | None) -> str:
+    """The backend for this run: an explicit setting wins; "auto" applies the first matching rule."""
+    if setting != "auto":
+        return setting
+    if capability is None:
+        return DEFAULT_ATTENTION
+    for rule, backend in (rules or {}).items():
+        match = _RULE.match(rule)
+        if match is None:
+            log.warning("ignored attention rule %r (expected e.g. '<89' or '>=90')", rule)
+            continue
+        if _OPS[match[1]](capability, int(match[2])):
+            return backend
+    return DEFAULT_ATTENTION
+
+
+def reset_peak_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gb(device: str) -> tuple[float, str]:
+    """(GB, what was measured): peak VRAM on CUDA, the process's peak RSS on the CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 1e9, "peak VRAM"
+    try:
+        import resource
+    except ImportError:  # Windows: no peak counter, the current RSS is the best we have
+        import psutil
+
+        return psutil.Process().memory_info().rss / 1e9, "RSS"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux kilobytes
+    return peak * scale / 1e9, "peak RSS"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,135 @@
+"""Saved images: names, atomic never-overwriting writes, and the settings embedded in each file.
+
+Each image carries the full settings JSON (PNG iTXt `wgp_settings`; EXIF UserComment in JPEG/WebP)
+and an A1111-style `parameters` text (PNG text chunk; EXIF ImageDescription) so other tools show the
+prompt, seed, steps and model. The JSON is a valid task: `--process image.png` regenerates it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import unicodedata
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+from common.errors import SettingsError
+
+SETTINGS_KEY = "wgp_settings"
+PARAMETERS_KEY = "parameters"
+EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+EXIF_IFD, USER_COMMENT, IMAGE_DESCRIPTION = 0x8769, 0x9286, 0x010E
+ASCII_PREFIX = b"ASCII\0\0\0"  # EXIF UserComment character-code header
+MAX_SLUG = 40
+
+
+def slugify(text: str, limit: int = MAX_SLUG) -> str:
+    """'A cat, on a mat!' -> 'a_cat_on_a_mat' (ASCII, at most `limit` characters)."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "_", ascii_text.lower()).strip("_")
+    return slug[:limit].rstrip("_") or "image"
+
+
+def output_name(seed: int, prompt: str, fmt: str, now: datetime | None = None) -> str:
+    """`<YYYY-MM-DD_HH-MM-SS>_seed<seed>_<slug>.<ext>`."""
+    stamp = (now or datetime.now()).strftime("%Y-%m-%d_%H-%M-%S")
+    return f"{stamp}_seed{seed}_{slugify(prompt)}{EXTENSIONS[fmt]}"
+
+
+def parameters_text(settings: Mapping[str, Any], info: Mapping[str, Any]) -> str:
+    """A1111-style text: prompt, 'Negative prompt: ...', then 'Key: value, ...'."""
+    lines = [str(settings.get("prompt", ""))]
+    if settings.get("negative_prompt"):
+        lines.append(f"Negative prompt: {settings['negative_prompt']}")
+    fields = {
+        "Steps": settings.get("num_inference_steps"),
+        "Sampler": "Euler (flow matching)",
+        "CFG scale": settings.get("guidance_scale"),
+        "Seed": settings.get("seed"),
+        "Size": settings.get("resolution"),
+        "Model hash": str(info.get("model_hash", ""))[:10] or None,
+        "Model": settings.get("model_type"),
+        "Shift": settings.get("flow_shift"),
+        "Lora": ", ".join(f"{k}:{v}" for k, v in info.get("loras", {}).items()) or None,
+        "Version": info.get("program"),
+    }
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items() if v not in (None, "")))
+    return "\n".join(lines)
+
+
+def embedded_json(settings: Mapping[str, Any], info: Mapping[str, Any]) -> str:
+    """The settings (a valid task) with the provenance under `generation_info`."""
+    return json.dumps({**settings, "generation_info": dict(info)}, ensure_ascii=True, sort_keys=False)
+
+
+def save_image(image: Image.Image, folder: Path, name: str, settings: Mapping[str, Any], info: Mapping[str, Any], fmt: str = "png") -> Path:
+    """Write atomically (temp file in the same folder, then link/rename) under a name no file has yet."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.{os.getpid()}.tmp"
+    try:
+        _write(image, tmp, settings, info, fmt)
+        return _claim_name(tmp, folder / name)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write(image: Image.Image, path: Path, settings: Mapping[str, Any], info: Mapping[str, Any], fmt: str) -> None:
+    text, params = embedded_json(settings, info), parameters_text(settings, info)
+    if fmt == "png":
+        meta = PngImagePlugin.PngInfo()
+        meta.add_text(PARAMETERS_KEY, params)
+        meta.add_itxt(SETTINGS_KEY, text)
+        image.save(path, format="PNG", pnginfo=meta)
+        return
+    exif = Image.Exif()
+    exif[IMAGE_DESCRIPTION] = params.encode("ascii", "replace").decode()
+    exif.get_ifd(EXIF_IFD)[USER_COMMENT] = ASCII_PREFIX + text.encode("ascii")
+    extra = {"quality": 95} if fmt == "jpeg" else {"lossless": True}
+    image.convert("RGB").save(path, format=fmt.upper(), exif=exif.tobytes(), **extra)
+
+
+def _claim_name(tmp: Path, wanted: Path) -> Path:
+    """Hard-link the finished file to the first free name (`x.png`, `x_2.png`, ...): never overwrites."""
+    for index in range(1, 10_000):
+        final = wanted if index == 1 else wanted.with_name(f"{wanted.stem}_{index}{wanted.suffix}")
+        try:
+            os.link(tmp, final)  # fails if `final` exists: no race with another writer
+            return final
+        except FileExistsError:
+            continue
+        except OSError:  # file systems without hard links
+            if not final.exists():
+                os.replace(tmp, final)
+                return final
+    raise OSError(f"no free file name for {wanted}")
+
+
+def read_settings(path: Path) -> dict[str, Any]:
+    """The settings embedded in an image we saved (PNG, JPEG or WebP)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            text = image.info.get(SETTINGS_KEY) or _exif_comment(image)
+    except OSError as exc:
+        raise SettingsError(f"{path}: not a readable image ({exc})") from None
+    if not text:
+        raise SettingsError(f"{path}: this image carries no generation settings (was it saved by this program?)")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"{path}: the embedded settings are not valid JSON ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: the embedded settings are not a JSON object")
+    return data
+
+
+def _exif_comment(image: Image.Image) -> str | None:
+    raw = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+    if isinstance(raw, bytes):
+        return raw[len(ASCII_PREFIX) :].decode("ascii", "replace") if raw.startswith(ASCII_PREFIX) else raw.decode("utf-8", "replace")
+    return raw

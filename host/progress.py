@@ -1,0 +1,62 @@
+"""Terminal progress: one bar per task (steps, s/it, ETA) and a per-stage timing line."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+BAR_WIDTH = 28
+
+
+def format_duration(seconds: float) -> str:
+    """72.4 -> '1:12'; 3725 -> '1:02:05'."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class ProgressBar:
+    """Redraws `label [#####.....] 5/8 1.23 s/it ETA 0:04` in place on a terminal."""
+
+    def __init__(self, label: str, stream: TextIO | None = None):
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.start = time.perf_counter()
+        self.drawn = False
+
+    def __call__(self, event: Any) -> None:
+        """Step callback: `event` has step (1-based), total and elapsed_s."""
+        self.update(event.step, event.total, event.elapsed_s)
+
+    def update(self, step: int, total: int, elapsed_s: float) -> None:
+        per_it = elapsed_s / max(step, 1)
+        filled = int(BAR_WIDTH * step / max(total, 1))
+        bar = "#" * filled + "." * (BAR_WIDTH - filled)
+        eta = format_duration(per_it * (total - step))
+        line = f"{self.label} [{bar}] {step}/{total} {per_it:.2f} s/it ETA {eta}"
+        end = "\n" if step >= total or not self.stream.isatty() else ""
+        self.stream.write(("\r" if self.stream.isatty() else "") + line + end)
+        self.stream.flush()
+        self.drawn = step < total and self.stream.isatty()
+
+    def close(self) -> None:
+        """Finish a bar left half-drawn (cancel or error)."""
+        if self.drawn:
+            self.stream.write("\n")
+            self.drawn = False
+
+
+def timing_line(timings: Mapping[str, float], peak_gb: float, peak_what: str, load_s: float | None = None) -> str:
+    """'load 3.1 s | text encoding 0.20 s | denoise 4.10 s (0.51 s/it) | VAE decode 0.30 s | peak RSS 2.1 GB'."""
+    parts = [f"load {load_s:.1f} s"] if load_s is not None else []
+    if "text_encoding_s" in timings:
+        parts.append(f"text encoding {timings['text_encoding_s']:.2f} s")
+    if "denoise_s" in timings:
+        parts.append(f"denoise {timings['denoise_s']:.2f} s ({timings.get('s_per_it', 0.0):.2f} s/it)")
+    if "vae_decode_s" in timings:
+        parts.append(f"VAE decode {timings['vae_decode_s']:.2f} s")
+    parts.append(f"{peak_what} {peak_gb:.2f} GB")
+    return " | ".join(parts)

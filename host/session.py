@@ -1,0 +1,259 @@
+"""A host session: discovery + presets + files + one loaded model, shared by the CLI, API and web UI.
+
+Data flow of one task: raw settings -> `prepare` (merge over the preset, validate) -> `files_for`
+(variant, locate, download) -> `model_for` (load once, cached) -> `run` (generate) -> `save`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.attention import set_attention_backend
+from common.errors import SettingsError
+from host import PROGRAM_NAME, __version__
+from host import settings as host_settings
+from host.device import DeviceChoice, attention_backend, choose_device, peak_memory_gb, reset_peak_memory
+from host.files import DEFAULT_CKPTS, CheckpointFolders, download_file, resolve_files, specs_from_model_def
+from host.hashes import HashCache
+from host.outputs import output_name, save_image
+from host.presets import DEFAULTS_DIR, FINETUNES_DIR, Preset, PresetCatalog, load_presets
+from host.registry import DEFAULT_MODELS_ROOT, REPO_ROOT, FamilyHandler, LoadedModel, Registry, discover
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUTPUT_DIR = REPO_ROOT / "outputs"
+HASH_CACHE_NAME = ".hash_cache.json"
+
+
+@dataclass
+class HostConfig:
+    """Where things are; the CLI fills it from flags, tests point it at temporary folders."""
+
+    models_root: Path = DEFAULT_MODELS_ROOT
+    defaults_dir: Path = DEFAULTS_DIR
+    finetunes_dir: Path | None = FINETUNES_DIR
+    ckpts: Path = DEFAULT_CKPTS
+    extra_ckpts: list[Path] = field(default_factory=list)
+    output_dir: Path = DEFAULT_OUTPUT_DIR
+    allow_download: bool = True
+    device: str | None = None
+    lora_args: argparse.Namespace | None = None
+
+
+@dataclass
+class Task:
+    """A validated task: which preset, and the complete settings (seed may still be -1)."""
+
+    model_type: str
+    preset: Preset
+    settings: dict[str, Any]
+    where: str
+
+
+@dataclass
+class TaskResult:
+    """Images of one task with the settings that made them (seed resolved) and their provenance."""
+
+    task: Task
+    images: list[Any]
+    settings: dict[str, Any]
+    info: dict[str, Any]
+    load_s: float | None
+    peak_gb: float
+    peak_what: str
+    paths: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class _Loaded:
+    key: tuple[Any, ...]
+    model: LoadedModel
+
+
+class Session:
+    """Holds the registry, the presets and at most one loaded model (switching releases the old one)."""
+
+    def __init__(self, config: HostConfig | None = None):
+        self.config = config or HostConfig()
+        self.folders = CheckpointFolders(self.config.ckpts, list(self.config.extra_ckpts))
+        self.hashes = HashCache(self.config.ckpts / HASH_CACHE_NAME)
+        self._registry: Registry | None = None
+        self._catalog: PresetCatalog | None = None
+        self._device: DeviceChoice | None = None
+        self._loaded: _Loaded | None = None
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            self._registry = discover(self.config.models_root)
+        return self._registry
+
+    @property
+    def catalog(self) -> PresetCatalog:
+        if self._catalog is None:
+            self._catalog = load_presets(self.registry, self.config.defaults_dir, self.config.finetunes_dir)
+        return self._catalog
+
+    @property
+    def device(self) -> DeviceChoice:
+        if self._device is None:
+            self._device = choose_device(self.config.device)
+        return self._device
+
+    def handler(self, preset: Preset) -> FamilyHandler:
+        return self.registry.handler_for(preset.architecture)
+
+    # -- 1. settings ----------------------------------------------------------------------------
+
+    def prepare(self, raw: Mapping[str, Any], where: str = "task") -> Task:
+        """Merge a task over its preset's defaults and validate it (nothing is loaded)."""
+        if not isinstance(raw, Mapping):
+            raise SettingsError(f"{where}: a task is a JSON object of settings, got {type(raw).__name__}")
+        model_type = raw.get("model_type")
+        if not isinstance(model_type, str):
+            raise SettingsError(f"{where}: 'model_type' is required (one of: {', '.join(sorted(self.catalog.presets))})")
+        preset = self.catalog.get(model_type)
+        handler, arch = self.handler(preset), preset.architecture
+        family = host_settings.family_defaults(handler, arch, preset.model_def)
+        merged = {**host_settings.host_defaults(), **family, **preset.settings, **raw}
+        valid = host_settings.validate(handler, arch, preset.model_def, merged, where)
+        self.lora_paths(preset, valid, where)  # a missing LoRA fails the task before anything loads
+        ordered = {"model_type": model_type, **{k: valid[k] for k in family if k in valid}}
+        ordered.update({k: v for k, v in valid.items() if k not in ordered})
+        return Task(model_type, preset, ordered, where)
+
+    def lora_paths(self, preset: Preset, settings: Mapping[str, Any], where: str) -> list[Path]:
+        """Resolve `activated_loras` (plus the preset's `loras`) in the family's LoRA folder."""
+        names = [*preset.model_def.get("loras", []), *settings.get("activated_loras", [])]
+        if not names:
+            return []
+        folder = self.handler(preset).get_lora_dir(preset.architecture, self.config.lora_args)
+        paths = [Path(n).expanduser() if Path(n).expanduser().is_absolute() else folder / n for n in names]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise SettingsError(f"{where}: LoRA file(s) not found: {', '.join(missing)} (LoRA folder: {folder})")
+        return paths
+
+    # -- 2. files -------------------------------------------------------------------------------
+
+    def files_for(self, task: Task) -> dict[str, Path]:
+        """Local paths of every file the model needs (downloaded when missing and allowed)."""
+        preset, quantization = task.preset, task.settings["quantization"]
+        handler = self.handler(preset)
+        family_files = handler.query_model_files(preset.architecture, preset.model_def, quantization)
+        specs = specs_from_model_def(preset.model_def, family_files)
+        if preset.model_def.get("selftest"):
+            self._write_selftest_files(handler, preset)
+        download = download_file if self.config.allow_download else None
+        return resolve_files(specs, quantization, self.folders, download, task.model_type)
+
+    def _write_selftest_files(self, handler: FamilyHandler, preset: Preset) -> None:
+        """Self-test presets' tiny random weights are written by the family on first use."""
+        writer = getattr(handler, "write_selftest_files", None)
+        if writer is None:
+            raise SettingsError(f"preset {preset.model_type} is a self-test preset, but its family cannot write test files")
+        writer(preset.architecture, preset.model_def, self.folders.primary)
+
+    # -- 3. model -------------------------------------------------------------------------------
+
+    def model_for(self, task: Task, files: Mapping[str, Path]) -> tuple[LoadedModel, float | None]:
+        """The loaded model for this task (cached: same preset, files and options reuse it)."""
+        s = task.settings
+        loras = tuple(str(p) for p in self.lora_paths(task.preset, s, task.where))
+        key = (
+            task.model_type,
+            tuple(sorted((k, str(v)) for k, v in files.items())),
+            s["quantization"],
+            str(s["profile"]),
+            loras,
+            str(s.get("loras_multipliers")),
+            self.device.device,
+        )
+        if self._loaded is not None and self._loaded.key == key:
+            return self._loaded.model, None
+        self.release()
+        start = time.perf_counter()
+        options = {"device": self.device.device, "dtype": self.device.dtype, "quantization": s["quantization"], "profile": s["profile"]}
+        model = self.handler(task.preset).load_model(task.preset.architecture, task.preset.model_def, files, options)
+        if loras:
+            model = apply_loras(model, [Path(p) for p in loras], s.get("loras_multipliers", ""))
+        self._loaded = _Loaded(key, model)
+        return model, time.perf_counter() - start
+
+    def release(self) -> None:
+        """Free the loaded model's memory (the next task loads again)."""
+        if self._loaded is not None:
+            self._loaded.model.release()
+            self._loaded = None
+
+    # -- 4. generate and save -------------------------------------------------------------------
+
+    def run(self, task: Task, on_step: Callable[[Any], None] | None = None) -> TaskResult:
+        """Generate the images of one task; the used seed is in `result.settings`."""
+        settings = host_settings.resolve_seed(task.settings)
+        files = self.files_for(task)
+        model, load_s = self.model_for(task, files)
+        backend = attention_backend(settings["attention"], task.preset.model_def.get("attention"), self.device.capability)
+        set_attention_backend(backend)
+        reset_peak_memory(self.device.device)
+        family_part = {k: v for k, v in settings.items() if k not in host_settings.HOST_ONLY}
+        output = model.generate(family_part, on_step)
+        peak_gb, peak_what = peak_memory_gb(self.device.device)
+        info = self.provenance(task, settings, files, backend, output)
+        return TaskResult(task, list(output.images), settings, info, load_s, peak_gb, peak_what)
+
+    def provenance(self, task: Task, settings: Mapping[str, Any], files: Mapping[str, Path], backend: str, output: Any) -> dict[str, Any]:
+        """What is needed to reproduce an image: program, files with hashes, LoRAs, precision."""
+        hashes = {role: {"name": path.name, "sha256": self.hashes.sha256(path)} for role, path in files.items()}
+        loras = self.lora_paths(task.preset, settings, task.where)
+        multipliers = (
+            str(settings.get("loras_multipliers", "")).split()
+            if isinstance(settings.get("loras_multipliers"), str)
+            else list(settings.get("loras_multipliers", []))
+        )
+        return {
+            "program": f"{PROGRAM_NAME} {__version__}",
+            "model_name": task.preset.name,
+            "architecture": task.preset.architecture,
+            "files": hashes,
+            "model_hash": hashes.get("transformer", {}).get("sha256", ""),
+            "loras": {p.name: (multipliers[i] if i < len(multipliers) else 1.0) for i, p in enumerate(loras)},
+            "quantization": settings["quantization"],
+            "attention": backend,
+            "device": self.device.label,
+            "prompt_tokens": getattr(output, "prompt_tokens", None),
+            "truncated": getattr(output, "truncated", None),
+            "timings": {k: round(v, 4) for k, v in getattr(output, "timings", {}).items()},
+        }
+
+    def save(self, result: TaskResult, output_dir: Path | None = None, output_file: Path | None = None) -> list[Path]:
+        """Save every image of a result (atomic, never overwriting); returns the paths."""
+        settings = result.settings
+        fmt = settings["output_format"]
+        for index, image in enumerate(result.images):
+            info = {**result.info, "batch_index": index} if len(result.images) > 1 else result.info
+            if output_file is not None:
+                folder, name = output_file.parent, output_file.name
+            else:
+                folder = output_dir or self.config.output_dir
+                name = output_name(settings["seed"], str(settings.get("prompt", "")), fmt)
+            result.paths.append(save_image(image, folder, name, settings, info, fmt))
+        return result.paths
+
+
+def apply_loras(model: LoadedModel, paths: list[Path], multipliers: str | list[Any]) -> LoadedModel:
+    """Seam for host/lora.py (the LoRA work): applies LoRA files to a built model."""
+    try:
+        from host import lora
+    except ImportError:
+        lora = None
+    apply = getattr(lora, "apply_loras", None)
+    if apply is None:
+        raise SettingsError("LoRA support is not available in this build yet (host/lora.py has no apply_loras)")
+    return apply(model, paths, multipliers)

@@ -1,0 +1,154 @@
+"""Z-Image family handler: what the host asks a family, answered for Z-Image (Turbo, Base, finetunes).
+
+The host discovers this file and talks to `family_handler` only (host/registry.py FamilyHandler).
+The engine is imported when a model is loaded, so discovery and settings checks stay light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from collections.abc import Mapping
+from dataclasses import fields
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from common.errors import CheckpointError
+from models.z_image.settings_z_image import GenerationSettings
+
+FAMILY = "z_image"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+HF_BASE = "https://huggingface.co/DeepBeepMeep/Z-Image/resolve/main/"
+DEFAULT_TEXT_ENCODER_URLS = [f"{HF_BASE}Qwen3/qwen3_bf16.safetensors", f"{HF_BASE}Qwen3/qwen3_quanto_bf16_int8.safetensors"]
+DEFAULT_TRANSFORMER_URL = f"{HF_BASE}ZImageTurbo_bf16.safetensors"  # only its folder is used: the shared VAE
+VAE_FILES = {"vae": "ZImageTurbo_VAE_bf16.safetensors", "vae_config": "ZImageTurbo_VAE_bf16_config.json"}
+# Files next to the text encoder weights (the Qwen3/ folder): its config and the tokenizer.
+TEXT_ENCODER_FILES = {
+    "text_encoder_config": "config.json",
+    "tokenizer": "tokenizer.json",
+    "tokenizer_config": "tokenizer_config.json",
+    "tokenizer_vocab": "vocab.json",
+    "tokenizer_merges": "merges.txt",
+}
+WEIGHT_SUFFIXES = {".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf"}
+
+
+class ZImageHandler:
+    """`family_handler` for models/z_image. `model_type` arguments are architectures (z_image, z_image_base)."""
+
+    def query_supported_types(self) -> list[str]:
+        return ["z_image", "z_image_base"]
+
+    def query_family_maps(self) -> tuple[dict[str, str], dict[str, list[str]]]:
+        """Base shares Turbo's architecture: LoRAs and settings of one apply to the other."""
+        return {"z_image_base": "z_image"}, {"z_image": ["z_image_base"], "z_image_base": ["z_image"]}
+
+    def query_family_infos(self) -> dict[str, tuple[int, str]]:
+        return {FAMILY: (10, "Z-Image")}
+
+    def query_model_def(self, model_type: str, model_block: Mapping[str, Any]) -> dict[str, Any]:
+        """No extra model-definition fields: everything Z-Image needs is in the host's schema."""
+        return {}
+
+    def update_default_settings(self, model_type: str, model_def: Mapping[str, Any], settings: dict[str, Any]) -> None:
+        """Fallback values of every setting Z-Image accepts (the presets carry the real defaults)."""
+        defaults = {f.name: f.default for f in fields(GenerationSettings) if f.name not in ("width", "height", "prompt")}
+        defaults["cfg_normalization"] = False
+        settings.setdefault("prompt", "")
+        settings.setdefault("resolution", f"{GenerationSettings.width}x{GenerationSettings.height}")
+        for key, value in defaults.items():
+            settings.setdefault(key, value)
+
+    def validate_settings(self, model_type: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """The engine's own validation (raises SettingsError naming the field); values normalised."""
+        s = GenerationSettings.from_dict(dict(settings))
+        out = {f.name: getattr(s, f.name) for f in fields(s) if f.name not in ("width", "height")}
+        out["resolution"] = f"{s.width}x{s.height}"
+        return out
+
+    def register_lora_cli_args(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--lora-dir-z-image", type=Path, metavar="DIR", help="Z-Image LoRA folder (default: loras/z_image)")
+
+    def get_lora_dir(self, model_type: str, args: argparse.Namespace | None) -> Path:
+        chosen = getattr(args, "lora_dir_z_image", None) if args is not None else None
+        return Path(chosen) if chosen else REPO_ROOT / "loras" / FAMILY
+
+    def query_model_files(self, model_type: str, model_def: Mapping[str, Any], quantization: str) -> list[dict[str, Any]]:
+        """VAE, text encoder, its config and tokenizer; nothing for a diffusers folder (it has them all).
+
+        These files sit next to the preset's own files (so a self-test or mirrored layout stays whole);
+        for a user's single file given by absolute path they come from the DeepBeepMeep repository.
+        """
+        urls = list(model_def.get("URLs") or [])
+        if urls and _is_folder_entry(urls[0]):
+            return []
+        files = [
+            {"role": role, "URLs": [_sibling(_layout_anchor(urls, DEFAULT_TRANSFORMER_URL), name)]} for role, name in VAE_FILES.items()
+        ]
+        text_encoder = list(model_def.get("text_encoder_URLs") or DEFAULT_TEXT_ENCODER_URLS)
+        files.append({"role": "text_encoder", "URLs": text_encoder})
+        anchor = _layout_anchor(text_encoder, DEFAULT_TEXT_ENCODER_URLS[0])
+        files += [{"role": role, "URLs": [_sibling(anchor, name)]} for role, name in TEXT_ENCODER_FILES.items()]
+        return files
+
+    def load_model(self, model_type: str, model_def: Mapping[str, Any], files: Mapping[str, Path], options: Mapping[str, Any]) -> Any:
+        """Build the engine's pipeline from resolved files; `options` has device and dtype (host's choice)."""
+        from models.z_image.pipeline_z_image import LoadOptions, ZImagePipeline
+
+        load = LoadOptions(device=options["device"], dtype=options["dtype"])
+        return ZImagePipeline.from_components(components_from_files(files), load)
+
+    def write_selftest_files(self, model_type: str, model_def: Mapping[str, Any], ckpts: Path) -> None:
+        """Write the tiny random model where the self-test preset's URLs point, once (atomically)."""
+        from models.z_image.tiny_z_image import FLAT_NAMES, write_flat_layout
+
+        target = ckpts / PurePosixPath(model_def["URLs"][0]).parent
+        if all((target / name).exists() for name in FLAT_NAMES.values()):
+            return
+        staging = target.with_name(f".{target.name}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        write_flat_layout(staging, seed=0)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+
+
+def components_from_files(files: Mapping[str, Path]) -> Any:
+    """role -> path (as the host resolved them) -> the engine's ZImageComponents."""
+    from models.z_image.pipeline_z_image import ZImageComponents
+
+    transformer = Path(files["transformer"])
+    if transformer.is_dir():
+        if not (transformer / "model_index.json").is_file():
+            raise CheckpointError(
+                f"{transformer} is a folder without model_index.json: point URLs at the diffusers folder that holds "
+                "transformer/, text_encoder/, tokenizer/ and vae/"
+            )
+        return ZImageComponents.from_diffusers_folder(transformer)
+    return ZImageComponents(
+        transformer=transformer,
+        text_encoder=Path(files["text_encoder"]),
+        tokenizer=Path(files["tokenizer"]).parent,
+        vae=Path(files["vae"]),
+        text_encoder_config=Path(files["text_encoder_config"]),
+        vae_config=Path(files["vae_config"]),
+    )
+
+
+def _is_folder_entry(entry: str) -> bool:
+    """A local entry without a weights suffix is a diffusers folder."""
+    return not entry.startswith(("http://", "https://")) and PurePosixPath(entry).suffix.lower() not in WEIGHT_SUFFIXES
+
+
+def _layout_anchor(entries: list[str], default: str) -> str:
+    """The entry whose folder holds the companion files: the preset's own, unless it is a user's absolute path."""
+    if not entries or Path(entries[0]).expanduser().is_absolute():
+        return default
+    return entries[0]
+
+
+def _sibling(entry: str, name: str) -> str:
+    """'https://.../resolve/main/Qwen3/qwen3_bf16.safetensors' + 'config.json' -> '.../Qwen3/config.json'."""
+    return f"{entry.rsplit('/', 1)[0]}/{name}" if "/" in entry else name
+
+
+family_handler = ZImageHandler()
