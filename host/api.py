@@ -59,15 +59,18 @@ def load_model(
     ckpts: str | Path | None = None,
     offline: bool = False,
     device: str | None = None,
+    config: HostConfig | None = None,
     **defaults: Any,
 ) -> Model:
     """Load (downloading if needed) a model type; `defaults` are settings for every `generate` call.
 
     Loading happens now, so a missing file or a bad setting is reported here, not at the first image.
+    `config` (folders of models, presets, checkpoints) replaces the other folder options when given.
     """
-    config = HostConfig(extra_ckpts=[Path(p) for p in checkpoints_dirs or []], allow_download=not offline, device=device)
-    if ckpts is not None:
-        config.ckpts = Path(ckpts)
+    if config is None:
+        config = HostConfig(extra_ckpts=[Path(p) for p in checkpoints_dirs or []], allow_download=not offline, device=device)
+        if ckpts is not None:
+            config.ckpts = Path(ckpts)
     session = get_session(config)
     task = session.prepare({**defaults, "model_type": model_type}, "load_model()")
     session.model_for(task, session.files_for(task))

@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         session, args = session_from_args(argv)
-        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return _dispatch(session, args)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
@@ -179,11 +179,11 @@ def run_tasks(
     """Validate all tasks, then run the valid ones in order; failures are reported, not fatal."""
     failures = list(failed or [])
     for item in failures:
-        print(f"FAILED {item.where}: {item.error}", file=sys.stderr)
+        _report_failure(item.where, str(item.error))
     prepared = prepare_tasks(session, raw)
     for item in prepared:
         if item.error is not None:
-            print(f"FAILED {item.where}: {item.error}", file=sys.stderr)
+            _report_failure(item.where, item.error)
             failures.append(item)
     valid = [p for p in prepared if p.task is not None]
     for number, item in enumerate(valid, 1):
@@ -208,14 +208,14 @@ def _run_one(session: Session, item: PreparedTask, label: str, output_dir: Path 
         paths = session.save(result, output_dir, output_file)
     except (UserInputError, GenerationCancelled) as exc:
         bar.close()
-        print(f"FAILED {item.where}: {exc}", file=sys.stderr)
         item.error = str(exc)
+        _report_failure(item.where, item.error)
         return False
     except Exception as exc:  # noqa: BLE001 - out of memory, a disk error, a bug: this task fails, the others run
         bar.close()
-        log.error("task %s failed", item.where, exc_info=True)
-        print(f"FAILED {item.where}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        item.error = str(exc)
+        log.debug("task %s failed", item.where, exc_info=True)
+        item.error = f"{type(exc).__name__}: {exc}"
+        _report_failure(item.where, item.error + " (run with -v for the traceback)")
         return False
     print(
         f"{label} seed {result.settings['seed']} | " + timing_line(result.info["timings"], result.peak_gb, result.peak_what, result.load_s)
@@ -223,6 +223,11 @@ def _run_one(session: Session, item: PreparedTask, label: str, output_dir: Path 
     for path in paths:
         print(f"saved {path}")
     return True
+
+
+def _report_failure(where: str, message: str) -> None:
+    """`FAILED <where>: <message>` on stderr (messages that already start with `where` are not prefixed twice)."""
+    print(f"FAILED {message}" if message.startswith(where) else f"FAILED {where}: {message}", file=sys.stderr)
 
 
 def launch_web(args: argparse.Namespace) -> int:

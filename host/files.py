@@ -35,6 +35,7 @@ DTYPE_TOKENS = {
     "float32": "fp32",
 }
 MAX_SEARCH_DEPTH = 8
+WEIGHT_SUFFIXES = {".safetensors", ".sft", ".gguf", ".ckpt", ".pt", ".pth", ".bin"}
 
 
 @dataclass(frozen=True)
@@ -113,10 +114,15 @@ class CheckpointFolders:
     _index: dict[Path, dict[str, list[Path]]] = field(default_factory=dict, repr=False)
 
     def locate(self, relpath: str) -> Path | None:
-        """First existing match: <folder>/<relpath>, then <folder>/<file name>, then a recursive search."""
+        """First existing match: <folder>/<relpath>, then (weights only) <folder>/<file name>, then a recursive search.
+
+        Generic names (`config.json`, `tokenizer.json`) only match inside a folder of the same name
+        as in `relpath` (`Qwen3/`); weight file names are distinctive enough to match anywhere.
+        """
         rel = PurePosixPath(relpath)
         for folder in (self.primary, *self.extra):
-            for candidate in (folder / rel, folder / rel.name):
+            candidates = (folder / rel, folder / rel.name) if _distinctive(rel) else (folder / rel,)
+            for candidate in candidates:
                 if candidate.exists():
                     return candidate
         for folder in self.extra:
@@ -129,13 +135,18 @@ class CheckpointFolders:
         return self.primary / PurePosixPath(relpath)
 
     def _search(self, folder: Path, rel: PurePosixPath) -> Path | None:
-        """Recursive search by name; for `Qwen3/config.json` the parent folder name must match too."""
+        """Recursive search by name (plus the parent folders for generic names)."""
         if folder not in self._index:
             self._index[folder] = _index_folder(folder)
+        tail = rel.parts[-1:] if _distinctive(rel) else rel.parts
         for path in self._index[folder].get(rel.name, []):
-            if tuple(path.parts[-len(rel.parts) :]) == rel.parts:
+            if tuple(path.parts[-len(tail) :]) == tail:
                 return path
         return None
+
+
+def _distinctive(rel: PurePosixPath) -> bool:
+    return len(rel.parts) == 1 or rel.suffix.lower() in WEIGHT_SUFFIXES
 
 
 def _index_folder(folder: Path) -> dict[str, list[Path]]:

@@ -172,7 +172,7 @@ def build_preset(
 def _check_model_block(block: Mapping[str, Any], family_keys: set[str], where: str) -> None:
     """Unknown keys and wrong types in the model block name the file and the field."""
     known = set(MODEL_KEYS) | family_keys
-    host_settings.check_known_keys(block, known, f"{where}: model block")
+    host_settings.check_known_keys(block, known, f"{where}: model block", noun="key")
     for key, value in block.items():
         types = MODEL_KEYS.get(key, ((object,), ""))[0]
         if isinstance(value, bool) and bool not in types or not isinstance(value, types):

@@ -37,10 +37,12 @@ class ProgressBar:
         bar = "#" * filled + "." * (BAR_WIDTH - filled)
         eta = format_duration(per_it * (total - step))
         line = f"{self.label} [{bar}] {step}/{total} {per_it:.2f} s/it ETA {eta}"
-        end = "\n" if step >= total or not self.stream.isatty() else ""
-        self.stream.write(("\r" if self.stream.isatty() else "") + line + end)
+        if self.stream.isatty():
+            self.stream.write("\r" + line + ("\n" if step >= total else ""))
+            self.drawn = step < total
+        elif step >= total or step * 10 // total != (step - 1) * 10 // total:
+            self.stream.write(line + "\n")  # logs and pipes: about one line per 10%
         self.stream.flush()
-        self.drawn = step < total and self.stream.isatty()
 
     def close(self) -> None:
         """Finish a bar left half-drawn (cancel or error)."""

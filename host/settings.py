@@ -54,13 +54,13 @@ def family_defaults(handler: FamilyHandler, model_type: str, model_def: Mapping[
     return settings
 
 
-def check_known_keys(settings: Mapping[str, Any], known: set[str], where: str) -> None:
+def check_known_keys(settings: Mapping[str, Any], known: set[str], where: str, noun: str = "setting") -> None:
     """Unknown keys are errors naming the key, the place, and the closest known key."""
     for key in settings:
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; known settings: {', '.join(sorted(known))}"
-            raise SettingsError(f"{where}: unknown setting '{key}'{hint}")
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(sorted(known))}"
+            raise SettingsError(f"{where}: unknown {noun} '{key}'{hint}")
 
 
 def check_host_values(settings: Mapping[str, Any], where: str) -> dict[str, Any]:
