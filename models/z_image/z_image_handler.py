@@ -30,6 +30,19 @@ TEXT_ENCODER_FILES = {
     "tokenizer_vocab": "vocab.json",
     "tokenizer_merges": "merges.txt",
 }
+SETTINGS_ORDER = (
+    "prompt",
+    "negative_prompt",
+    "resolution",
+    "num_inference_steps",
+    "guidance_scale",
+    "flow_shift",
+    "seed",
+    "batch_size",
+    "cfg_normalization",
+    "cfg_truncation",
+    "max_sequence_length",
+)
 WEIGHT_SUFFIXES = {".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf"}
 
 
@@ -52,19 +65,17 @@ class ZImageHandler:
 
     def update_default_settings(self, model_type: str, model_def: Mapping[str, Any], settings: dict[str, Any]) -> None:
         """Fallback values of every setting Z-Image accepts (the presets carry the real defaults)."""
-        defaults = {f.name: f.default for f in fields(GenerationSettings) if f.name not in ("width", "height", "prompt")}
-        defaults["cfg_normalization"] = False
-        settings.setdefault("prompt", "")
-        settings.setdefault("resolution", f"{GenerationSettings.width}x{GenerationSettings.height}")
-        for key, value in defaults.items():
-            settings.setdefault(key, value)
+        engine = {f.name: f.default for f in fields(GenerationSettings)}
+        engine.update(prompt="", resolution=f"{engine.pop('width')}x{engine.pop('height')}", cfg_normalization=False)
+        for key in SETTINGS_ORDER:
+            settings.setdefault(key, engine[key])
 
     def validate_settings(self, model_type: str, settings: Mapping[str, Any]) -> dict[str, Any]:
         """The engine's own validation (raises SettingsError naming the field); values normalised."""
         s = GenerationSettings.from_dict(dict(settings))
-        out = {f.name: getattr(s, f.name) for f in fields(s) if f.name not in ("width", "height")}
-        out["resolution"] = f"{s.width}x{s.height}"
-        return out
+        values = {f.name: getattr(s, f.name) for f in fields(s)}
+        values["resolution"] = f"{s.width}x{s.height}"
+        return {key: values[key] for key in SETTINGS_ORDER}
 
     def register_lora_cli_args(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--lora-dir-z-image", type=Path, metavar="DIR", help="Z-Image LoRA folder (default: loras/z_image)")
