@@ -158,7 +158,12 @@ def load_weights(
                         f"{file}: cannot read {ref.key} ({e}); the file is corrupt: download it again."
                     ) from e
                 cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-                state[key] = tensor.to(device=device, dtype=cast)
+                tensor = tensor.to(device=device, dtype=cast)
+                if tensor.untyped_storage().nbytes() > tensor.nbytes:
+                    # A row slice of a fused tensor is a view of the whole; give each parameter its own
+                    # storage so replacing one later (LoRA merge, quantization) frees its memory.
+                    tensor = tensor.clone()
+                state[key] = tensor
     model.load_state_dict(state, strict=True, assign=True)
 
 
