@@ -291,3 +291,24 @@ def test_converter_tables_invert_the_comfy_export(tiny_flat_layout: dict[str, Pa
         for variant in (comfy, mixed):
             back = convert_state_dict(variant)
             assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_unexpected_keys_are_reported_and_scaled_fp8_refused(
+    tiny_comfy_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = load_file(tiny_comfy_file)
+    path = tmp_path / "extra.safetensors"
+    save_file({**state, "model.diffusion_model.layers.0.extra.weight": torch.zeros(2)}, path)
+    with caplog.at_level(logging.WARNING, logger="models.z_image.loading_z_image"):
+        load_transformer(path, None, F32)
+    assert "unexpected keys: ['model.diffusion_model.layers.0.extra.weight']" in caplog.text
+
+    fp8 = {**state, "model.diffusion_model.layers.0.attention.qkv.scale_weight": torch.ones(1)}
+    save_file(fp8, path)
+    with pytest.raises(CheckpointError, match="scaled-fp8"):
+        load_transformer(path, None, F32)
+
+
+def test_folder_without_config_json_infers_it(tiny_diffusers_folder: Path, tmp_path: Path) -> None:
+    shutil.copy(tiny_diffusers_folder / "transformer" / "diffusion_pytorch_model.safetensors", tmp_path)
+    assert load_transformer(tmp_path, None, F32).config == TINY_CONFIG

@@ -165,6 +165,7 @@ def load_weights(
                     tensor = tensor.clone()
                 state[key] = tensor
     model.load_state_dict(state, strict=True, assign=True)
+    model.to(device)  # buffers built in __init__ (e.g. rotary tables); parameters are already there
 
 
 def _ref_shape(ref: TensorRef, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
@@ -195,6 +196,9 @@ def _load_quantized(model: nn.Module, weights: WeightFiles, dtype: torch.dtype |
 # -- transformer -----------------------------------------------------------------------------------
 
 
+SCALED_FP8_MARKERS = ("scaled_fp8", ".scale_weight", ".scale_input")
+
+
 def load_transformer(
     path: Path, config: ZImageConfig | Path | None, dtype: torch.dtype | None, device: Device = "cpu"
 ) -> ZImageTransformer:
@@ -205,6 +209,11 @@ def load_transformer(
     path = Path(path)
     weights = WeightFiles(weight_files(path))
     layout = detect_layout(weights.shapes, weights.metadata, source=weights.name)
+    if any(k.endswith(SCALED_FP8_MARKERS) for k in weights.shapes):
+        raise CheckpointError(
+            f"{weights.name} is a ComfyUI scaled-fp8 file (per-tensor `scale_weight`), which this loader does not "
+            "dequantize. Use a bf16 file (e.g. ZImageTurbo_bf16.safetensors) or the int8 quanto file."
+        )
     if layout == "quanto":
         shapes = {_strip_quanto(k): s for k, s in weights.shapes.items() if not k.endswith(QUANTO_SUFFIXES[1:])}
         plan = None
@@ -231,7 +240,7 @@ def _resolve_config(
 ) -> ZImageConfig:
     if isinstance(config, ZImageConfig):
         return config
-    file = Path(config) if config is not None else path / "config.json" if path.is_dir() else None
+    file = Path(config) if config is not None else path / "config.json" if (path / "config.json").is_file() else None
     if file is None:
         return infer_config(shapes)
     try:
