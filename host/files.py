@@ -205,8 +205,6 @@ def _try_download(entry: FileEntry, folders: CheckpointFolders, download: Downlo
     """Any failure (network, HTTP error, disk) becomes a reason in the missing-file report."""
     try:
         return download(entry, folders.primary), ""
-    except KeyboardInterrupt:
-        raise
     except Exception as exc:  # noqa: BLE001 - every download failure is reported, not raised
         log.warning("download of %s failed: %s", entry.url, exc)
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

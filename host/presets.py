@@ -8,6 +8,7 @@ file is reported and skipped, the others still load.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 from collections.abc import Mapping
@@ -78,8 +79,6 @@ class PresetCatalog:
         """The preset for `model_type`, or an error that suggests the closest id."""
         if model_type in self.presets:
             return self.presets[model_type]
-        import difflib
-
         close = difflib.get_close_matches(model_type, sorted(self.presets), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(sorted(self.presets))}"
         raise PresetError(f"unknown model_type '{model_type}'{hint}")

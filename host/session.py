@@ -212,18 +212,14 @@ class Session:
         """What is needed to reproduce an image: program, files with hashes, LoRAs, precision."""
         hashes = {role: {"name": path.name, "sha256": self.hashes.sha256(path)} for role, path in files.items()}
         loras = self.lora_paths(task.preset, settings, task.where)
-        multipliers = (
-            str(settings.get("loras_multipliers", "")).split()
-            if isinstance(settings.get("loras_multipliers"), str)
-            else list(settings.get("loras_multipliers", []))
-        )
+        multipliers = multiplier_list(settings.get("loras_multipliers", ""))
         return {
             "program": f"{PROGRAM_NAME} {__version__}",
             "model_name": task.preset.name,
             "architecture": task.preset.architecture,
             "files": hashes,
             "model_hash": hashes.get("transformer", {}).get("sha256", ""),
-            "loras": {p.name: (multipliers[i] if i < len(multipliers) else 1.0) for i, p in enumerate(loras)},
+            "loras": {p.name: (multipliers[i] if i < len(multipliers) else "1.0") for i, p in enumerate(loras)},
             "quantization": settings["quantization"],
             "attention": backend,
             "device": self.device.label,
@@ -245,6 +241,11 @@ class Session:
                 name = output_name(settings["seed"], str(settings.get("prompt", "")), fmt)
             result.paths.append(save_image(image, folder, name, settings, info, fmt))
         return result.paths
+
+
+def multiplier_list(value: str | list[Any]) -> list[str]:
+    """Wan2GP's `loras_multipliers`: "1.0 0.5" (one per LoRA, space separated) or a JSON list."""
+    return value.split() if isinstance(value, str) else [str(v) for v in value]
 
 
 def apply_loras(model: LoadedModel, paths: list[Path], multipliers: str | list[Any]) -> LoadedModel:

@@ -42,8 +42,24 @@ def test_selftest_writes_a_png_whose_settings_regenerate_it(ckpts: Path, tmp_pat
 
 
 def test_guidance_batch_and_webp_through_the_cli(ckpts: Path, tmp_path: Path) -> None:
-    flags = ["--model", "z_image_selftest", "--prompt", "a cat", "--negative-prompt", "blurry", "--guidance", "3",
-             "--batch-size", "2", "--resolution", "64x48", "--output-format", "webp", "--seed", "5"]
+    flags = [
+        "--model",
+        "z_image_selftest",
+        "--prompt",
+        "a cat",
+        "--negative-prompt",
+        "blurry",
+        "--guidance",
+        "3",
+        "--batch-size",
+        "2",
+        "--resolution",
+        "64x48",
+        "--output-format",
+        "webp",
+        "--seed",
+        "5",
+    ]
     assert cli.main([*flags, *_args(ckpts, tmp_path)]) == 0
     images = sorted(tmp_path.glob("*.webp"))
     assert len(images) == 2 and Image.open(images[0]).size == (64, 48)
@@ -66,8 +82,11 @@ def test_finetune_pointing_at_a_diffusers_folder_is_a_usable_model(tmp_path: Pat
     folder = write_diffusers_layout(tmp_path / "Z-Image-Tiny-diffusers", seed=1)
     finetunes = tmp_path / "finetunes"
     finetunes.mkdir()
-    preset = {"model": {"name": "Tiny diffusers folder", "architecture": "z_image", "URLs": [str(folder)]},
-              "resolution": "64x64", "num_inference_steps": 2}
+    preset = {
+        "model": {"name": "Tiny diffusers folder", "architecture": "z_image", "URLs": [str(folder)]},
+        "resolution": "64x64",
+        "num_inference_steps": 2,
+    }
     (finetunes / "my_tiny.json").write_text(json.dumps(preset))
     ckpts, out = tmp_path / "ckpts", tmp_path / "out"
     assert cli.main(["--model", "my_tiny", "--prompt", "hello", "--seed", "1", *_args(ckpts, out, finetunes)]) == 0
