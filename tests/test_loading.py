@@ -312,3 +312,20 @@ def test_unexpected_keys_are_reported_and_scaled_fp8_refused(
 def test_folder_without_config_json_infers_it(tiny_diffusers_folder: Path, tmp_path: Path) -> None:
     shutil.copy(tiny_diffusers_folder / "transformer" / "diffusion_pytorch_model.safetensors", tmp_path)
     assert load_transformer(tmp_path, None, F32).config == TINY_CONFIG
+
+
+def test_no_second_copy_built_on_meta_and_tensors_assigned(tiny_flat_layout: dict[str, Path], monkeypatch) -> None:
+    """The model is built on meta and the loaded tensors become the parameters themselves (assign=True):
+    at no point do a full state dict and a full model exist side by side."""
+    seen: dict[str, object] = {}
+    original = ZImageTransformer.load_state_dict
+
+    def spy(self: ZImageTransformer, state_dict: dict, *args, **kwargs):
+        seen["meta_before"] = all(p.is_meta for p in self.parameters())
+        seen["ptrs"] = {k: v.data_ptr() for k, v in state_dict.items()}
+        return original(self, state_dict, *args, **kwargs)
+
+    monkeypatch.setattr(ZImageTransformer, "load_state_dict", spy)
+    model = load_transformer(tiny_flat_layout["transformer"], None, F32)
+    assert seen["meta_before"] is True
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == seen["ptrs"]

@@ -2,7 +2,8 @@
 
 Weights load the flux way: the model is built on the meta device (no memory, no init cost), each tensor is
 read from the memory-mapped safetensors file, cast to the requested dtype and moved to the device one at a
-time, then attached with `load_state_dict(assign=True)`: no second full copy exists at any point. Missing
+time, then attached with `load_state_dict(assign=True)`: no second full copy exists at any point (tensors
+already in the requested dtype on CPU stay backed by the file mapping: page cache, not process memory). Missing
 and unexpected keys are logged every time; a missing key or a shape mismatch is a `CheckpointError`.
 
 This module never imports mmgp (importing it patches transformers/torch globally); int8 quanto files are
