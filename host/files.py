@@ -175,20 +175,23 @@ def resolve_files(
 
     Raises MissingFilesError listing every file still missing, its URL and where to put it.
     """
-    found: dict[str, Path] = {}
+    entries = [parse_entry(spec.role, pick_variant(spec.variants, quantization)) for spec in specs]
+    found = {entry.role: path for entry in entries if (path := _locate(entry, folders)) is not None}
     missing: list[MissingFile] = []
-    for spec in specs:
-        entry = parse_entry(spec.role, pick_variant(spec.variants, quantization))
-        path = _locate(entry, folders)
-        if path is None and entry.url and download is not None:
-            path, reason = _try_download(entry, folders, download)
-        else:
-            reason = ""
-        if path is None:
-            target = entry.absolute or folders.target(entry.relpath or entry.entry)
-            missing.append(MissingFile(spec.role, entry.name, entry.url, target, reason))
-        else:
-            found[spec.role] = path
+    failed = False
+    for entry in (e for e in entries if e.role not in found):
+        reason = ""
+        if entry.url and download is not None:
+            if failed:  # offline or the server is down: don't wait for every file's timeout
+                reason = "not downloaded: an earlier download failed"
+            else:
+                path, reason = _try_download(entry, folders, download)
+                if path is not None:
+                    found[entry.role] = path
+                    continue
+                failed = True
+        target = entry.absolute or folders.target(entry.relpath or entry.entry)
+        missing.append(MissingFile(entry.role, entry.name, entry.url, target, reason))
     if missing:
         raise MissingFilesError(format_missing(missing, model_type, download is not None))
     return found
@@ -207,7 +210,8 @@ def _try_download(entry: FileEntry, folders: CheckpointFolders, download: Downlo
         return download(entry, folders.primary), ""
     except Exception as exc:  # noqa: BLE001 - every download failure is reported, not raised
         log.warning("download of %s failed: %s", entry.url, exc)
-        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        return None, f"download failed: {type(exc).__name__}: {first_line}"
 
 
 def format_missing(missing: list[MissingFile], model_type: str, tried_download: bool) -> str:
@@ -220,7 +224,7 @@ def format_missing(missing: list[MissingFile], model_type: str, tried_download: 
             lines.append(f"      download: {item.url}")
         lines.append(f"      put it at: {item.target}")
         if item.reason:
-            lines.append(f"      download failed: {item.reason}")
+            lines.append(f"      {item.reason}")
     if tried_download:
         lines.append("Check your connection and run again (downloads resume), or download the files by hand.")
     else:

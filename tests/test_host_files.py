@@ -173,3 +173,19 @@ def test_hashes_are_cached_by_path_size_and_mtime(tmp_path: Path, monkeypatch: p
     monkeypatch.undo()
     file.write_bytes(b"abcd")
     assert HashCache(cache.cache_file).sha256(file) == hashlib.sha256(b"abcd").hexdigest()
+
+
+def test_after_one_failed_download_the_others_are_not_tried(tmp_path: Path, hub: str) -> None:
+    calls: list[str] = []
+
+    def failing(entry: object, primary: Path) -> Path:
+        calls.append(str(entry))
+        raise OSError("network is unreachable")
+
+    specs = [FileSpec(role, (f"{hub}/DeepBeepMeep/Z-Image/resolve/main/{role}.safetensors",)) for role in ("a", "b", "c")]
+    with pytest.raises(MissingFilesError) as info:
+        resolve_files(specs, "int8", CheckpointFolders(tmp_path), download=failing)
+    assert len(calls) == 1
+    message = str(info.value)
+    assert "download failed: OSError: network is unreachable" in message
+    assert message.count("not downloaded: an earlier download failed") == 2
