@@ -209,7 +209,7 @@ def _try_download(entry: FileEntry, folders: CheckpointFolders, download: Downlo
     try:
         return download(entry, folders.primary), ""
     except Exception as exc:  # noqa: BLE001 - every download failure is reported, not raised
-        log.warning("download of %s failed: %s", entry.url, exc)
+        log.info("download of %s failed: %s", entry.url, exc)
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         return None, f"download failed: {type(exc).__name__}: {first_line}"
 
