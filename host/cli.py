@@ -40,7 +40,9 @@ ONE_SHOT_FLAGS = {  # flag dest -> settings key
 
 def build_parser(session: Session | None = None) -> argparse.ArgumentParser:
     """All flags; each family adds its own (`--lora-dir-<family>`)."""
-    p = argparse.ArgumentParser(prog="wgp.py", description=f"{PROGRAM_NAME} {__version__}: local image generation")
+    p = argparse.ArgumentParser(
+        prog="wgp.py", description=f"{PROGRAM_NAME} {__version__}: local image generation", add_help=session is not None
+    )
     act = p.add_argument_group("what to do (default: the web UI)")
     act.add_argument("--process", nargs="+", type=Path, metavar="FILE", help="run task files (JSON or saved images)")
     act.add_argument("--model", help="one-shot: model type (preset id), with --prompt")
