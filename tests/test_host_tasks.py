@@ -111,3 +111,17 @@ def test_saved_json_round_trip_of_settings(session: Session, tmp_path: Path) -> 
     [raw] = read_task_file(path)
     assert json.loads(json.dumps(raw.settings))["generation_info"]["program"].startswith("wgp-zimage")
     assert session.prepare(raw.settings).settings == result.settings
+
+
+def test_loras_are_found_in_the_family_lora_folder(tmp_path: Path) -> None:
+    import argparse
+
+    config = toy_env(tmp_path)
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras" / "style.safetensors").write_bytes(b"lora")
+    config.lora_args = argparse.Namespace(lora_dir_toy=tmp_path / "loras")
+    session = Session(config)
+    task = session.prepare({"model_type": "toy", "activated_loras": ["style.safetensors"], "loras_multipliers": "0.7"})
+    assert session.lora_paths(task.preset, task.settings, task.where) == [tmp_path / "loras" / "style.safetensors"]
+    with pytest.raises(SettingsError, match=f"not found: {tmp_path / 'loras' / 'other.safetensors'}"):
+        session.prepare({"model_type": "toy", "activated_loras": ["other.safetensors"]})
