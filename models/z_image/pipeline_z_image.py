@@ -103,6 +103,8 @@ class ZImagePipeline:
         self.batch_cfg = True
         # Replaceable prompt encoder (the host may wrap it with a cache).
         self.encode_prompt: Callable[[str, int], EncodedPrompt] = self._encode_prompt
+        # True once the encoder's last layer and final norm are dropped (see drop_unused_text_layers).
+        self.text_encoder_trimmed = False
 
     @classmethod
     def from_components(cls, components: ZImageComponents, options: LoadOptions) -> ZImagePipeline:
@@ -116,7 +118,9 @@ class ZImagePipeline:
         )
         tokenizer = loading.load_tokenizer(components.tokenizer)
         vae = loading.load_vae(components.vae, components.vae_config, options.vae_dtype, options.device)
-        return cls(transformer, text_encoder, tokenizer, vae, options.device)
+        pipe = cls(transformer, drop_unused_text_layers(text_encoder), tokenizer, vae, options.device)
+        pipe.text_encoder_trimmed = True
+        return pipe
 
     def release(self) -> None:
         """Drop the weights so their memory can be reclaimed."""
@@ -144,7 +148,10 @@ class ZImagePipeline:
             )
         ids = ids.to(self.device)
         mask = torch.ones_like(ids)
-        hidden = self.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+        if self.text_encoder_trimmed:
+            hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        else:
+            hidden = self.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
         return EncodedPrompt(hidden[0], total, total > max_sequence_length)
 
     # -- 2. noise -------------------------------------------------------------------------------
@@ -235,6 +242,17 @@ class ZImagePipeline:
         images = self.decode(latents)
         timings["vae_decode_s"] = time.perf_counter() - start
         return GenerationResult(images, seed, s, pos.tokens, pos.truncated, timings)
+
+
+def drop_unused_text_layers(text_encoder: Any) -> Any:
+    """Z-Image conditions on hidden_states[-2]: the output of the second-to-last decoder layer, before
+    the final norm. Without the last layer and the norm, the encoder's last_hidden_state is exactly
+    that, and the last layer (1/36 of Qwen3-4B) is neither run nor kept in memory."""
+    base = getattr(text_encoder, "model", text_encoder)  # Qwen3ForCausalLM wraps a Qwen3Model
+    base.layers = base.layers[:-1]
+    base.config.num_hidden_layers = len(base.layers)
+    base.norm = torch.nn.Identity()
+    return base
 
 
 def check_finite(latents: torch.Tensor) -> None:

@@ -66,7 +66,11 @@ class GenerationSettings:
                 )
         _require(1 <= self.num_inference_steps <= 1000, "num_inference_steps must be between 1 and 1000", self.num_inference_steps)
         _require(1 <= self.batch_size <= 64, "batch_size must be between 1 and 64", self.batch_size)
-        _require(1 <= self.max_sequence_length <= MAX_TOKENS, f"max_sequence_length must be between 1 and {MAX_TOKENS}", self.max_sequence_length)
+        _require(
+            1 <= self.max_sequence_length <= MAX_TOKENS,
+            f"max_sequence_length must be between 1 and {MAX_TOKENS}",
+            self.max_sequence_length,
+        )
         _require(self.guidance_scale >= 0, "guidance_scale must be >= 0 (0 turns guidance off)", self.guidance_scale)
         _require(self.flow_shift > 0, "flow_shift must be > 0", self.flow_shift)
         _require(self.cfg_normalization >= 0, "cfg_normalization must be false/true or a number >= 0", self.cfg_normalization)
