@@ -9,7 +9,6 @@ file is reported and skipped, the others still load.
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -114,12 +113,7 @@ def load_presets(registry: Registry, defaults_dir: Path = DEFAULTS_DIR, finetune
 
 def read_preset_file(path: Path) -> dict[str, Any]:
     """Parse one JSON preset; bad JSON names the file, line and column."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise PresetError(f"{path}:{exc.lineno}:{exc.colno}: bad JSON: {exc.msg}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PresetError(f"{path}: cannot read: {exc}") from None
+    data = host_settings.read_json_file(path, PresetError, "preset")
     if not isinstance(data, dict) or not isinstance(data.get("model", {}), dict):
         raise PresetError(f"{path}: a preset is a JSON object with a 'model' object and default settings")
     return data

@@ -8,12 +8,14 @@ settings < the task itself. The host checks its own keys here; the family checks
 from __future__ import annotations
 
 import difflib
+import json
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from common.errors import SettingsError
+from common.errors import SettingsError, UserInputError
 from host.registry import FamilyHandler
 
 OUTPUT_FORMATS = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp"}
@@ -106,6 +108,16 @@ def validate(
     except SettingsError as exc:
         raise SettingsError(f"{where}: {exc}") from None
     return {**host_part, **normalised}
+
+
+def read_json_file(path: Path, error: type[UserInputError], what: str) -> Any:
+    """Parse a JSON file (preset or tasks); errors name the file, and bad JSON its line and column."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}:{exc.lineno}:{exc.colno}: bad JSON: {exc.msg}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: cannot read the {what}: {exc}") from None
 
 
 def resolve_seed(settings: dict[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,6 @@ Every task is validated before anything loads; a bad task is reported and skippe
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 from common.errors import SettingsError, UserInputError
 from host.outputs import EXTENSIONS, read_settings
 from host.session import Session, Task
+from host.settings import read_json_file
 
 IMAGE_SUFFIXES = {*EXTENSIONS.values(), ".jpeg"}
 
@@ -39,12 +39,7 @@ def read_task_file(path: Path) -> list[RawTask]:
     """The tasks in one file (an image holds exactly one)."""
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return [RawTask(read_settings(path), str(path))]
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SettingsError(f"{path}:{exc.lineno}:{exc.colno}: bad JSON: {exc.msg}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SettingsError(f"{path}: cannot read the task file: {exc}") from None
+    data = read_json_file(path, SettingsError, "task file")
     if isinstance(data, dict):
         return [RawTask(data, str(path))]
     if isinstance(data, list):
