@@ -15,6 +15,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CHUNK = 8 * 1024 * 1024
+BIG_FILE = 1_000_000_000  # bytes
 
 
 class HashCache:
@@ -60,7 +61,10 @@ class HashCache:
 
 
 def _hash_file(path: Path) -> str:
-    log.info("hashing %s (once; cached)", path)
+    size = path.stat().st_size
+    # A multi-GB file takes a while: say so, or the pause after the last step looks like a hang.
+    level = logging.WARNING if size > BIG_FILE else logging.INFO
+    log.log(level, "computing the sha256 of %s (%.1f GB) for the image metadata, once (cached)", path.name, size / 1e9)
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(CHUNK):
