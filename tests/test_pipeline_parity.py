@@ -113,3 +113,18 @@ def test_sequential_cfg_branches_give_the_same_image(pipelines: tuple[ZImagePipe
     finally:
         ours.batch_cfg = True
     assert np.abs(batched - sequential).max() <= 1
+
+
+def test_text_encoder_loaded_on_demand_gives_the_same_image(folder: Path, pipelines) -> None:
+    """keep_text_encoder=False: the encoder is loaded for the prompt stage and freed before denoising."""
+    ours, _ = pipelines
+    lazy = ZImagePipeline.from_components(
+        ZImageComponents.from_diffusers_folder(folder), LoadOptions(dtype=torch.float32, keep_text_encoder=False)
+    )
+    assert lazy.text_encoder is None
+    seen = []
+    settings = CASES["long_prompt_short_negative"]
+    result = lazy.generate(settings, before_step=lambda step, total: seen.append(lazy.text_encoder))
+    assert seen and all(encoder is None for encoder in seen)  # not resident while the transformer runs
+    expected = ours.generate(settings).images[0]
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(expected))

@@ -58,6 +58,9 @@ class LoadOptions:
     device: str = "cpu"
     dtype: torch.dtype = torch.bfloat16  # transformer and text encoder
     vae_dtype: torch.dtype = torch.float32
+    # False: load the text encoder only when a prompt must be encoded and free it right after, so it
+    # never sits in memory beside the transformer (low-RAM machines; a prompt cache skips it entirely).
+    keep_text_encoder: bool = True
 
 
 @dataclass
@@ -105,21 +108,29 @@ class ZImagePipeline:
         self.encode_prompt: Callable[[str, int], EncodedPrompt] = self._encode_prompt
         # True once the encoder's last layer and final norm are dropped (see drop_unused_text_layers).
         self.text_encoder_trimmed = False
+        # Set by from_components when the text encoder is loaded on demand (keep_text_encoder=False).
+        self.load_text_encoder: Callable[[], Any] | None = None
 
     @classmethod
     def from_components(cls, components: ZImageComponents, options: LoadOptions) -> ZImagePipeline:
         """Load the four parts from local paths (any supported layout)."""
         from models.z_image import loading_z_image as loading
 
+        def load_text_encoder() -> Any:
+            encoder = loading.load_text_encoder(
+                components.text_encoder, components.text_encoder_config, options.dtype, options.device
+            )
+            return drop_unused_text_layers(encoder)
+
         config = ZImageConfig.from_json(components.transformer_config) if components.transformer_config else None
         transformer = loading.load_transformer(components.transformer, config, options.dtype, options.device)
-        text_encoder = loading.load_text_encoder(
-            components.text_encoder, components.text_encoder_config, options.dtype, options.device
-        )
+        text_encoder = load_text_encoder() if options.keep_text_encoder else None
         tokenizer = loading.load_tokenizer(components.tokenizer)
         vae = loading.load_vae(components.vae, components.vae_config, options.vae_dtype, options.device)
-        pipe = cls(transformer, drop_unused_text_layers(text_encoder), tokenizer, vae, options.device)
+        pipe = cls(transformer, text_encoder, tokenizer, vae, options.device)
         pipe.text_encoder_trimmed = True
+        if not options.keep_text_encoder:
+            pipe.load_text_encoder = load_text_encoder
         return pipe
 
     def release(self) -> None:
@@ -148,6 +159,8 @@ class ZImagePipeline:
             )
         ids = ids.to(self.device)
         mask = torch.ones_like(ids)
+        if self.text_encoder is None and self.load_text_encoder is not None:
+            self.text_encoder = self.load_text_encoder()  # freed again at the end of the prompt stage
         if self.text_encoder_trimmed:
             hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         else:
@@ -215,6 +228,8 @@ class ZImagePipeline:
         start = time.perf_counter()
         pos = self.encode_prompt(s.prompt, s.max_sequence_length)
         neg = self.encode_prompt(s.negative_prompt, s.max_sequence_length) if s.uses_guidance else None
+        if self.load_text_encoder is not None:
+            self.text_encoder = None  # loaded on demand: do not keep it beside the transformer
         timings["text_encoding_s"] = time.perf_counter() - start
 
         latents = self.prepare_latents(s.batch_size, s.width, s.height, seed).to(self.device)
