@@ -106,7 +106,9 @@ class ZImageHandler:
         """Build the engine's pipeline from resolved files; `options` has device and dtype (host's choice)."""
         from models.z_image.pipeline_z_image import LoadOptions, ZImagePipeline
 
-        load = LoadOptions(device=options["device"], dtype=options["dtype"])
+        load = LoadOptions(
+            device=options["device"], dtype=options["dtype"], keep_text_encoder=options.get("keep_text_encoder", True)
+        )
         return ZImagePipeline.from_components(components_from_files(files), load)
 
     def write_selftest_files(self, model_type: str, model_def: Mapping[str, Any], ckpts: Path) -> None:
