@@ -1,40 +1,169 @@
 """One attention entry point for every model: `attention(q, k, v, mask)`.
 
 The backend is chosen once (by the host, from the preset's rules and the user's flag) with
-`set_attention_backend`; models never pick one themselves.
+`set_attention_backend`; models never pick one themselves. Backends:
+
+- `sdpa`: torch's scaled_dot_product_attention, always available (the reference).
+- `flash`: flash-attn 3 (`flash_attn_interface`, Hopper) or 2 (`flash_attn`, sm80+), fp16/bf16 on CUDA.
+- `sage` / `sage2`: SageAttention 1 / 2 (int8 QK, sm80+), fp16/bf16 on CUDA.
+- `auto`: the best one installed and supported here (flash, then sage2, then sage, else sdpa).
+
+A backend that is missing, unsupported by the GPU or unable to run a given call (CPU tensors, fp32,
+a key mask) falls back to SDPA with one warning per reason: never a crash. Optional packages are
+imported the first time a backend is asked for.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
+BACKENDS = ("sdpa", "flash", "sage", "sage2", "auto")
+AUTO_ORDER = ("flash", "sage2", "sage")
+# Lowest compute capability (major*10+minor) each optional backend runs on.
+MIN_CAPABILITY = {"flash2": 80, "flash3": 90, "sage": 80, "sage2": 80}
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (B, L, H, D) in and out
+
 _BACKEND = "sdpa"
+_KERNEL: AttentionFn | None = None  # the optional kernel behind _BACKEND (None for sdpa)
+_WARNED: set[str] = set()
 
 
-def set_attention_backend(name: str) -> None:
-    """Select the attention implementation used by `attention` ("sdpa" is always available)."""
-    global _BACKEND
-    _BACKEND = name
+def set_attention_backend(name: str, capability: int | None = None) -> str:
+    """Select the attention implementation used by `attention`; returns the backend actually used.
+
+    capability: the GPU's compute capability (e.g. 89), default: the current CUDA device's, None on CPU.
+    """
+    global _BACKEND, _KERNEL
+    if capability is None and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        capability = major * 10 + minor
+    chosen, kernel = resolve_backend(name, capability)
+    _BACKEND, _KERNEL = chosen, kernel
+    return chosen
 
 
 def get_attention_backend() -> str:
+    """The backend `attention` uses now (after fallbacks)."""
     return _BACKEND
 
 
-def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def resolve_backend(name: str, capability: int | None) -> tuple[str, AttentionFn | None]:
+    """(backend name, kernel) for a requested name; falls back to ("sdpa", None) with one warning."""
+    if name not in BACKENDS:
+        _warn_once(f"unknown:{name}", f"unknown attention backend {name!r} (known: {', '.join(BACKENDS)}); using sdpa")
+        return "sdpa", None
+    if name == "sdpa":
+        return "sdpa", None
+    if name == "auto":
+        for candidate in AUTO_ORDER:
+            kernel, _ = _load_kernel(candidate, capability)
+            if kernel is not None:
+                return candidate, kernel
+        return "sdpa", None
+    kernel, reason = _load_kernel(name, capability)
+    if kernel is None:
+        _warn_once(f"missing:{name}", f"attention backend {name!r} is not usable here ({reason}); using sdpa")
+        return "sdpa", None
+    return name, kernel
+
+
+def available_backends(capability: int | None) -> list[str]:
+    """The backends that would run here (sdpa always)."""
+    return ["sdpa", *[b for b in AUTO_ORDER if _load_kernel(b, capability)[0] is not None]]
+
+
+def _load_kernel(name: str, capability: int | None) -> tuple[AttentionFn | None, str]:
+    """Import the package behind a backend; (kernel, "") or (None, why not)."""
+    if capability is None:
+        return None, "needs a CUDA GPU"
+    if name == "flash":
+        for module, key in (("flash_attn_interface", "flash3"), ("flash_attn", "flash2")):
+            fn = _import_attr(module, "flash_attn_func")
+            if fn is not None and capability >= MIN_CAPABILITY[key]:
+                return _flash_kernel(fn), ""
+        return None, "flash-attn 2 (sm80+) or 3 (sm90+) is not installed for this GPU (pip install flash-attn)"
+    if name in ("sage", "sage2"):
+        fn = _import_attr("sageattention", "sageattn")
+        if fn is None:
+            return None, "sageattention is not installed (pip install sageattention)"
+        major = _major_version("sageattention")
+        if name == "sage2" and major < 2:
+            return None, f"sageattention {major}.x is installed; sage2 needs 2.x"
+        if capability < MIN_CAPABILITY[name]:
+            return None, f"SageAttention needs compute capability >= 8.0, this GPU is {capability / 10:.1f}"
+        return _sage_kernel(fn), ""
+    return None, "unknown backend"
+
+
+def _import_attr(module: str, attr: str) -> Callable | None:
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, OSError, RuntimeError) as exc:  # broken CUDA builds raise OSError
+        log.debug("attention: cannot import %s.%s (%s)", module, attr, exc)
+        return None
+
+
+def _major_version(package: str) -> int:
+    try:
+        return int(importlib.metadata.version(package).split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return 1
+
+
+def _flash_kernel(fn: Callable) -> AttentionFn:
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = fn(q, k, v, causal=False)  # (B, L, H, D) layout natively
+        return out[0] if isinstance(out, tuple) else out  # flash-attn 3 also returns the log-sum-exp
+
+    return run
+
+
+def _sage_kernel(fn: Callable) -> AttentionFn:
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return fn(q, k, v, tensor_layout="NHD", is_causal=False)
+
+    return run
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(message)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference path. q, k, v: (B, L, H, D); key_mask (B, L) bool, True = a real token."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Non-causal multi-head attention.
 
     q, k, v: (B, L, H, D). key_mask: (B, L) bool, True = a real token (None = all real).
     Returns (B, L, H, D).
     """
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
-    mask = None if key_mask is None else key_mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.transpose(1, 2)
+    if _KERNEL is None:
+        return sdpa(q, k, v, key_mask)
+    if key_mask is not None:
+        # Masks only pad a CFG batch whose prompts differ in length; the optional kernels take no mask.
+        _warn_once(f"mask:{_BACKEND}", f"{_BACKEND} attention takes no key mask; masked calls use sdpa")
+        return sdpa(q, k, v, key_mask)
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        _warn_once(
+            f"dtype:{_BACKEND}",
+            f"{_BACKEND} attention needs fp16/bf16 CUDA tensors, got {q.dtype} on {q.device}; using sdpa",
+        )
+        return sdpa(q, k, v, key_mask)
+    return _KERNEL(q, k, v)
