@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from common.errors import SettingsError
+from host.guards import compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ def choose_device(requested: str | None = None) -> DeviceChoice:
         if not torch.cuda.is_available():
             raise SettingsError(f"device '{device}' asked for, but no CUDA GPU is visible to torch")
         major, minor = torch.cuda.get_device_capability(device)
-        return DeviceChoice(device, torch.bfloat16, major * 10 + minor)
+        capability = major * 10 + minor
+        return DeviceChoice(device, compute_dtype(device, capability), capability)  # bf16 on sm80+, else fp32
     if device != "cpu":
         raise SettingsError(f"unknown device '{device}': use cpu, cuda or cuda:N")
     return DeviceChoice("cpu", torch.float32, None)

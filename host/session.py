@@ -16,7 +16,7 @@ from typing import Any
 
 from common.attention import set_attention_backend
 from common.errors import SettingsError
-from host import PROGRAM_NAME, __version__
+from host import PROGRAM_NAME, __version__, lowvram
 from host import settings as host_settings
 from host.device import DeviceChoice, attention_backend, choose_device, peak_memory_gb, reset_peak_memory
 from host.files import DEFAULT_CKPTS, CheckpointFolders, download_file, resolve_files, specs_from_model_def
@@ -180,7 +180,9 @@ class Session:
         self.release()
         start = time.perf_counter()
         options = {"device": self.device.device, "dtype": self.device.dtype, "quantization": s["quantization"], "profile": s["profile"]}
+        options = lowvram.load_options(options)  # load on the CPU under mmgp, on-demand text encoder, int8 reader
         model = self.handler(task.preset).load_model(task.preset.architecture, task.preset.model_def, files, options)
+        model = lowvram.apply_lowvram(model, options, files)  # int8 on the fly, prompt cache, VAE tiling, guards, offload
         if loras:
             model = apply_loras(model, [Path(p) for p in loras], s.get("loras_multipliers", ""))
         self._loaded = _Loaded(key, model)
@@ -200,7 +202,7 @@ class Session:
         files = self.files_for(task)
         model, load_s = self.model_for(task, files)
         backend = attention_backend(settings["attention"], task.preset.model_def.get("attention"), self.device.capability)
-        set_attention_backend(backend)
+        backend = set_attention_backend(backend)  # the one actually used (a missing backend falls back to sdpa)
         reset_peak_memory(self.device.device)
         family_part = {k: v for k, v in settings.items() if k not in host_settings.HOST_ONLY}
         output = model.generate(family_part, on_step)

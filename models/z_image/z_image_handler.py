@@ -104,8 +104,11 @@ class ZImageHandler:
 
     def load_model(self, model_type: str, model_def: Mapping[str, Any], files: Mapping[str, Path], options: Mapping[str, Any]) -> Any:
         """Build the engine's pipeline from resolved files; `options` has device and dtype (host's choice)."""
+        from models.z_image import loading_z_image
         from models.z_image.pipeline_z_image import LoadOptions, ZImagePipeline
 
+        if options.get("quantized_loader") is not None:  # the host's int8 quanto reader (host/quantize.py)
+            loading_z_image.register_quantized_loader(options["quantized_loader"])
         load = LoadOptions(
             device=options["device"], dtype=options["dtype"], keep_text_encoder=options.get("keep_text_encoder", True)
         )

@@ -1,0 +1,105 @@
+"""Offload with mmgp on CUDA: Wan2GP's memory profiles 1-5, a transform applied to a built model.
+
+The parts run strictly one after the other (text encoder -> transformer -> VAE); mmgp moves each to
+the GPU when its forward starts and, in the low-VRAM profiles, streams the transformer block by block.
+After each generation everything goes back to RAM (`OffloadHandle.after_generation`). The model is
+loaded on the CPU and the pipeline's compute device is set to the GPU.
+
+On the CPU there is nothing to offload: the same calls run without mmgp (logged once).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from common.errors import SettingsError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROFILE = 4
+PROFILES: dict[int, str] = {
+    1: "HighRAM_HighVRAM: whole models in VRAM, a pinned copy in RAM (fastest, needs 24 GB VRAM)",
+    2: "HighRAM_LowVRAM: parts of a model in VRAM as needed, pinned RAM copy",
+    3: "LowRAM_HighVRAM: whole models in VRAM, only the transformer pinned",
+    4: "LowRAM_LowVRAM: the transformer streamed block by block, only it pinned (default)",
+    5: "VerylowRAM_LowVRAM: streamed in small pieces, nothing pinned (slowest, least RAM)",
+}
+COMPONENTS = ("text_encoder", "transformer", "vae")
+_LOGGED_CPU = False
+
+
+def resolve_profile(setting: int | str | None, device: str) -> int | None:
+    """The profile for this device: None on the CPU (nothing to offload); "auto" -> 4 on CUDA."""
+    if setting in (None, "auto", ""):
+        profile = DEFAULT_PROFILE
+    else:
+        try:
+            profile = int(setting)
+        except (TypeError, ValueError):
+            profile = -1
+        if profile not in PROFILES:
+            choices = "; ".join(f"{k} = {v}" for k, v in PROFILES.items())
+            raise SettingsError(f"'profile' must be auto or 1-5 ({choices}); got {setting!r}")
+    return profile if str(device).startswith("cuda") else None
+
+
+def uses_mmgp(device: str, profile: int | str | None) -> bool:
+    """True when the model is offloaded by mmgp (CUDA and a profile)."""
+    return resolve_profile(profile, device) is not None
+
+
+def load_device(device: str, profile: int | str | None) -> str:
+    """Where to load the weights: the CPU under mmgp (it moves them), else the compute device."""
+    return "cpu" if uses_mmgp(device, profile) else device
+
+
+@dataclass
+class OffloadHandle:
+    """What `apply_offload` set up; `after_generation` frees the VRAM, `release` undoes everything."""
+
+    profile: int | None
+    manager: Any = None  # mmgp's offload object (None on the CPU)
+
+    def after_generation(self) -> None:
+        """Send every part back to RAM so the next task (or another program) gets the VRAM."""
+        if self.manager is not None:
+            self.manager.unload_all()
+            torch.cuda.empty_cache()
+
+    def release(self) -> None:
+        if self.manager is not None:
+            self.manager.release()
+            self.manager = None
+            torch.cuda.empty_cache()
+
+
+def apply_offload(pipe: Any, profile: int | str | None, device: str) -> OffloadHandle:
+    """Offload the pipeline's parts (attributes text_encoder, transformer, vae) with mmgp's `profile`.
+
+    The parts must have been loaded on the CPU (`load_device`); the pipeline's `device` becomes `device`.
+    """
+    global _LOGGED_CPU
+    number = resolve_profile(profile, device)
+    if number is None:
+        if not _LOGGED_CPU:
+            log.info("running on %s: no offload (mmgp profiles apply to CUDA GPUs only), all parts stay in RAM", device)
+            _LOGGED_CPU = True
+        return OffloadHandle(None)
+    from host.mmgp_import import import_mmgp_offload
+
+    offload = import_mmgp_offload()
+    parts = {name: getattr(pipe, name, None) for name in COMPONENTS}
+    missing = [name for name, part in parts.items() if part is None]
+    if missing:
+        raise SettingsError(f"offload needs every part loaded; missing: {', '.join(missing)}")
+    # Quantization is our own transform (host/quantize.py), applied before: mmgp must not quantize again.
+    manager = offload.profile(
+        parts, profile_no=number, quantizeTransformer=False, extraModelsToQuantize=[], verboseLevel=0
+    )
+    pipe.device = torch.device(device)
+    log.info("offload: mmgp profile %d (%s)", number, PROFILES[number])
+    return OffloadHandle(number, manager)

@@ -1,0 +1,120 @@
+"""Prompt cache: text embeddings reused across generations, so a repeated prompt never runs the
+text encoder (and, with a lazily loaded encoder, never needs it in memory).
+
+An LRU keyed by (prompt, max_sequence_length, text encoder file identity), bounded in bytes. Entries
+are kept on the CPU (VRAM is for the transformer) and moved to the pipeline's device on a hit.
+The identity of a file is (absolute path, size, modification time): replacing the file invalidates it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BYTES = 256 * 2**20  # ~100 prompts of 512 tokens x 2560 in bf16
+
+
+def file_identity(path: Path | str | None) -> tuple[str, int, int] | None:
+    """(absolute path, size, mtime in ns) of a weights file or folder; None when unknown."""
+    if path is None:
+        return None
+    path = Path(path).resolve()
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (str(path), -1, -1)
+    return (str(path), stat.st_size, stat.st_mtime_ns)
+
+
+class PromptCache:
+    """LRU of encoded prompts bounded by the total bytes of their tensors."""
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Hashable) -> Any | None:
+        """The cached value (marked most recently used) or None."""
+        item = self._entries.get(key)
+        if item is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return item[0]
+
+    def put(self, key: Hashable, value: Any, nbytes: int) -> None:
+        """Store a value; the least recently used entries go until the total fits. Too big: not stored."""
+        if key in self._entries:
+            self.bytes -= self._entries.pop(key)[1]
+        if nbytes > self.max_bytes:
+            log.debug(
+                "prompt cache: an entry of %d bytes exceeds the %d-byte budget; not cached", nbytes, self.max_bytes
+            )
+            return
+        self._entries[key] = (value, nbytes)
+        self.bytes += nbytes
+        while self.bytes > self.max_bytes:
+            _, (_, dropped) = self._entries.popitem(last=False)
+            self.bytes -= dropped
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+    def wrap(
+        self, encode: Callable[[str, int], Any], identity: Hashable, device: Callable[[], torch.device | str]
+    ) -> Callable[[str, int], Any]:
+        """A caching version of `encode(prompt, max_sequence_length) -> value with an .embeds tensor`.
+
+        device() gives where a hit goes (read at each call: offloading may change the pipeline's device).
+        """
+
+        def cached(prompt: str, max_sequence_length: int) -> Any:
+            key = (prompt, max_sequence_length, identity)
+            hit = self.get(key)
+            if hit is None:
+                hit = _to_cpu(encode(prompt, max_sequence_length))
+                self.put(key, hit, hit.embeds.numel() * hit.embeds.element_size())
+            return replace(hit, embeds=hit.embeds.to(device()))
+
+        cached.uncached = encode  # type: ignore[attr-defined]
+        return cached
+
+
+def _to_cpu(encoded: Any) -> Any:
+    return replace(encoded, embeds=encoded.embeds.detach().to("cpu"))
+
+
+_SHARED: PromptCache | None = None
+
+
+def shared_cache() -> PromptCache:
+    """The process-wide cache (outlives model reloads, so a reloaded model reuses old prompts)."""
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = PromptCache()
+    return _SHARED
+
+
+def attach_prompt_cache(pipe: Any, identity: Hashable, cache: PromptCache | None = None) -> PromptCache:
+    """Wrap the pipeline's replaceable `encode_prompt` with the cache (once); returns the cache."""
+    cache = cache or shared_cache()
+    encode = getattr(pipe.encode_prompt, "uncached", pipe.encode_prompt)
+    pipe.encode_prompt = cache.wrap(encode, identity, lambda: pipe.device)
+    return cache

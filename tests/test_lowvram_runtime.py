@@ -1,0 +1,267 @@
+"""Low-VRAM runtime: prompt cache, VAE tiling, guards, attention fallback, offload (CPU path + GPU),
+the mmgp/safe_open guard, the transforms through a real pipeline, and the planner."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import attention as attn
+from common.errors import NonFiniteOutputError, SettingsError
+from host import offload, planner
+from host.guards import check_pixels, compute_dtype, guard_vae_decode
+from host.lowvram import apply_lowvram, load_options
+from host.prompt_cache import PromptCache, attach_prompt_cache, file_identity
+from host.quantize import is_quantized
+from host.vae_tiling import TilingOptions, enable_tiling, tile_starts, tiled_decode
+
+F32 = torch.float32
+SETTINGS = {
+    "prompt": "a red fox",
+    "width": 64,
+    "height": 64,
+    "num_inference_steps": 2,
+    "guidance_scale": 0.0,
+    "seed": 3,
+}
+
+
+def _pipeline(flat: dict[str, Path], keep_text_encoder: bool = True):
+    from models.z_image.pipeline_z_image import LoadOptions, ZImageComponents, ZImagePipeline
+
+    components = ZImageComponents(
+        transformer=flat["transformer"],
+        text_encoder=flat["text_encoder"],
+        tokenizer=flat["tokenizer"],
+        vae=flat["vae"],
+        text_encoder_config=flat["text_encoder_config"],
+        vae_config=flat["vae_config"],
+    )
+    return ZImagePipeline.from_components(components, LoadOptions(dtype=F32, keep_text_encoder=keep_text_encoder))
+
+
+# -- prompt cache ----------------------------------------------------------------------------------
+
+
+def test_repeated_prompt_never_runs_or_loads_the_text_encoder(tiny_flat_layout: dict[str, Path]) -> None:
+    pipe = _pipeline(tiny_flat_layout, keep_text_encoder=False)
+    loads, runs = [], []
+    loader = pipe.load_text_encoder
+
+    def counting_loader():
+        loads.append(1)
+        encoder = loader()
+        encoder.register_forward_hook(lambda *a: runs.append(1))
+        return encoder
+
+    pipe.load_text_encoder = counting_loader
+    cache = attach_prompt_cache(pipe, file_identity(tiny_flat_layout["text_encoder"]), PromptCache())
+    first = pipe.generate(SETTINGS)
+    assert (len(loads), len(runs)) == (1, 1) and pipe.text_encoder is None
+    second = pipe.generate(SETTINGS)
+    assert (len(loads), len(runs)) == (1, 1)  # zero text encoder runs, not even loaded
+    assert cache.hits == 1 and len(cache) == 1
+    assert first.images[0].tobytes() == second.images[0].tobytes()
+    pipe.generate({**SETTINGS, "max_sequence_length": 64})  # another key part: a miss
+    assert len(runs) == 2
+
+
+def test_prompt_cache_lru_bound_in_bytes() -> None:
+    cache = PromptCache(max_bytes=100)
+    for i in range(5):
+        cache.put(i, f"v{i}", 30)
+    assert len(cache) == 3 and cache.bytes == 90 and cache.get(0) is None
+    assert cache.get(2) == "v2"  # now most recent
+    cache.put(9, "v9", 30)
+    assert cache.get(3) is None and cache.get(2) == "v2"
+    cache.put("huge", "x", 101)
+    assert cache.get("huge") is None and cache.bytes <= 100
+
+
+def test_file_identity_changes_with_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "te.safetensors"
+    path.write_bytes(b"a")
+    first = file_identity(path)
+    path.write_bytes(b"bb")
+    assert file_identity(path) != first and file_identity(None) is None
+
+
+# -- VAE tiling ------------------------------------------------------------------------------------
+
+
+def test_tile_starts_cover_with_overlap() -> None:
+    assert tile_starts(10, 16, 4) == [0]
+    for size, tile, overlap in ((48, 16, 4), (100, 32, 8), (33, 16, 8)):
+        starts = tile_starts(size, tile, overlap)
+        assert starts[0] == 0 and starts[-1] + tile == size
+        assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:], strict=False))
+
+
+def test_tiled_decode_close_to_untiled(tiny_flat_layout: dict[str, Path]) -> None:
+    """Metric: mean and max |tiled - untiled| in [0, 1] pixel units, 384x384 image, 256 px tiles, 128 px overlap.
+
+    The tiny VAE has random weights, GroupNorm statistics computed per tile and a mid-block attention that
+    sees only its tile: the worst case for tiling (a trained VAE is far smoother). Measured: mean 0.011,
+    max 0.14; bounds 0.02 / 0.25. Overlap blending must also beat narrow overlap (4 px latent: mean 0.040).
+    """
+    from models.z_image import loading_z_image as loading
+
+    vae = loading.load_vae(tiny_flat_layout["vae"], tiny_flat_layout["vae_config"], F32)
+    z = torch.randn(1, 16, 48, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = vae.decode(z, return_dict=False)[0]
+        diff = (tiled_decode(vae, z, 32, 16) - ref).abs() / 2
+        narrow = (tiled_decode(vae, z, 16, 4) - ref).abs() / 2
+    assert float(diff.mean()) < 0.02 and float(diff.max()) < 0.25
+    assert float(diff.mean()) < float(narrow.mean())
+
+
+def test_tiling_is_automatic_above_the_threshold(tiny_flat_layout: dict[str, Path]) -> None:
+    from models.z_image import loading_z_image as loading
+
+    vae = loading.load_vae(tiny_flat_layout["vae"], tiny_flat_layout["vae_config"], F32)
+    calls = []
+    inner = vae.decode
+    vae.decode = lambda z, **kw: (calls.append(tuple(z.shape[-2:])), inner(z, **kw))[1]
+    enable_tiling(vae, TilingOptions(mode="auto", tile=16, overlap=4, min_latent=20))
+    with torch.no_grad():
+        vae.decode(torch.randn(1, 16, 16, 16), return_dict=False)
+        assert calls == [(16, 16)]  # below the threshold: one untiled call
+        out = vae.decode(torch.randn(1, 16, 24, 24), return_dict=False)[0]
+    assert out.shape == (1, 3, 192, 192) and len(calls) == 1 + 4
+    encoded = vae.encode(torch.rand(1, 3, 192, 192) * 2 - 1).latent_dist.mode()
+    assert encoded.shape == (1, 16, 24, 24)
+
+
+# -- guards ----------------------------------------------------------------------------------------
+
+
+def test_black_or_nan_decode_is_refused_with_advice() -> None:
+    check_pixels(torch.rand(1, 3, 8, 8) * 2 - 1)
+    with pytest.raises(NonFiniteOutputError, match="NaN/inf.*--attention sdpa"):
+        check_pixels(torch.full((1, 3, 8, 8), float("nan")))
+    with pytest.raises(NonFiniteOutputError, match="all black.*--quantization bf16"):
+        check_pixels(-torch.ones(2, 3, 8, 8))
+
+    class Vae:
+        def decode(self, z, return_dict=False):
+            return (z * float("inf"),)
+
+    with pytest.raises(NonFiniteOutputError):
+        guard_vae_decode(Vae()).decode(torch.ones(1, 3, 2, 2))
+
+
+def test_compute_dtype_per_capability() -> None:
+    assert compute_dtype("cpu", None) == F32
+    assert compute_dtype("cuda", 89) == torch.bfloat16
+    assert compute_dtype("cuda", 75) == F32  # Turing: no native bf16, fp16 overflows
+    assert compute_dtype("cuda", 89, "fp32") == F32
+    with pytest.raises(SettingsError, match="overflow fp16"):
+        compute_dtype("cuda", 89, "fp16")
+    with pytest.raises(SettingsError, match="no native bf16"):
+        compute_dtype("cuda", 75, "bf16")
+    with pytest.raises(SettingsError, match="overflow fp16"):
+        load_options({"device": "cpu", "dtype": F32, "quantization": "fp16", "profile": "auto"})
+
+
+# -- attention backends ----------------------------------------------------------------------------
+
+
+def test_missing_backends_fall_back_to_sdpa_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    q, k, v = (torch.randn(1, 8, 2, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    ref = attn.sdpa(q, k, v)
+    attn._WARNED.clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="common.attention"):
+            for name in ("flash", "flash", "sage", "sage2", "nonsense"):
+                assert attn.set_attention_backend(name, capability=None) == "sdpa"
+                assert torch.equal(attn.attention(q, k, v), ref)
+            assert attn.set_attention_backend("auto", capability=None) == "sdpa"
+        warnings = [r.message for r in caplog.records]
+        assert len(warnings) == 4 and sum("'flash'" in w for w in warnings) == 1  # once per backend
+    finally:
+        attn.set_attention_backend("sdpa")
+
+
+def test_optional_kernel_skips_calls_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that only takes fp16/bf16 CUDA tensors without a mask: other calls go to SDPA."""
+    used = []
+    monkeypatch.setattr(attn, "_BACKEND", "flash")
+    monkeypatch.setattr(attn, "_KERNEL", lambda q, k, v: used.append(1) or q)
+    q = torch.randn(1, 4, 2, 8)
+    assert torch.equal(attn.attention(q, q, q), attn.sdpa(q, q, q)) and not used
+
+
+# -- offload, mmgp import --------------------------------------------------------------------------
+
+
+def test_profiles_resolve_per_device() -> None:
+    assert offload.resolve_profile("auto", "cpu") is None and offload.resolve_profile(3, "cpu") is None
+    assert offload.resolve_profile("auto", "cuda") == 4 and offload.resolve_profile("5", "cuda:0") == 5
+    with pytest.raises(SettingsError, match="1-5"):
+        offload.resolve_profile(7, "cuda")
+    assert offload.load_device("cuda", 4) == "cpu" and offload.load_device("cpu", 4) == "cpu"
+    options = load_options({"device": "cuda", "dtype": torch.bfloat16, "quantization": "int8", "profile": 4})
+    assert options["device"] == "cpu" and options["compute_device"] == "cuda" and options["keep_text_encoder"]
+
+
+def test_mmgp_import_keeps_transformers_loading(tiny_diffusers_folder: Path) -> None:
+    """Importing mmgp patches safe_open; ours restores it, so transformers' from_pretrained still works."""
+    import safetensors
+    import transformers.modeling_utils as mu
+    from transformers import Qwen3Model
+
+    from host.mmgp_import import import_mmgp_offload
+
+    before = (safetensors.safe_open, mu.safe_open)
+    offload_module = import_mmgp_offload()
+    assert hasattr(offload_module, "profile")
+    assert (safetensors.safe_open, mu.safe_open) == before
+    model = Qwen3Model.from_pretrained(tiny_diffusers_folder / "text_encoder", local_files_only=True)
+    assert model.config.hidden_size == 64
+
+
+def test_transforms_on_a_pipeline_cpu(tiny_flat_layout: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    """int8 asked with a full-precision file: quantized on the fly; cache, tiling, guard, CPU offload path."""
+    pipe = _pipeline(tiny_flat_layout)
+    options = load_options({"device": "cpu", "dtype": F32, "quantization": "int8", "profile": "auto"})
+    assert options["keep_text_encoder"] is False
+    with caplog.at_level(logging.INFO, logger="host.offload"):
+        model = apply_lowvram(pipe, options, {"text_encoder": tiny_flat_layout["text_encoder"]})
+    assert model is pipe and is_quantized(pipe.transformer) and hasattr(pipe.vae, "_untiled_decode")
+    result = pipe.generate(SETTINGS)
+    assert result.images[0].size == (64, 64)
+    pipe.release()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("profile", [1, 4, 5])
+def test_offload_profiles_on_cuda(tiny_flat_layout: dict[str, Path], profile: int) -> None:
+    pipe = _pipeline(tiny_flat_layout)  # loaded on the CPU, as under mmgp
+    options = load_options({"device": "cuda", "dtype": torch.bfloat16, "quantization": "int8", "profile": profile})
+    apply_lowvram(pipe, options, {})
+    result = pipe.generate(SETTINGS)
+    assert result.images[0].size == (64, 64)
+    assert torch.cuda.memory_allocated() < 64 * 2**20  # parts sent back to RAM after the generation
+    pipe.release()
+
+
+# -- planner ---------------------------------------------------------------------------------------
+
+
+def test_planner_sizes_and_ordering() -> None:
+    sizes = planner.Z_IMAGE
+    assert sizes.transformer.bytes("bf16") == 2 * 6_154_908_736
+    assert 6.8e9 < sizes.transformer.bytes("int8") < 7.0e9  # ~ the size of ZImageBase_quanto_bf16_int8
+    assert 4.3e9 < sizes.text_encoder.bytes("int8") < 4.5e9
+    plans = {(p.quantization, p.profile): p for p in planner.plan_table(sizes, 1024, 1024, cfg=True, vram_gb=8)}
+    assert plans[("int8", 4)].vram_gb < 8 and plans[("int8", 4)].fits
+    assert plans[("bf16", 1)].vram_gb > 12 and plans[("bf16", 1)].fits is False
+    assert plans[("int8", 5)].vram_gb <= plans[("int8", 4)].vram_gb <= plans[("int8", 1)].vram_gb
+    assert plans[("int8", 4)].ram_gb < plans[("bf16", 4)].ram_gb
+    text = planner.format_table(list(plans.values()), "z_image_base 1024x1024")
+    assert "peak VRAM GB" in text and text.count("\n") == 11
