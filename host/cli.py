@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import GenerationCancelled, UserInputError
-from host import PROGRAM_NAME, __version__
+from host import PROGRAM_NAME, __version__, lowvram_cli
 from host.outputs import EXTENSIONS
 from host.progress import ProgressBar, timing_line
 from host.session import HostConfig, Session
@@ -34,6 +34,7 @@ ONE_SHOT_FLAGS = {  # flag dest -> settings key
     "batch_size": "batch_size",
     "quantization": "quantization",
     "attention": "attention",
+    "profile": "profile",
     "output_format": "output_format",
 }
 
@@ -63,6 +64,7 @@ def build_parser(session: Session | None = None) -> argparse.ArgumentParser:
     run.add_argument("--output-format", choices=sorted(EXTENSIONS))
     run.add_argument("--quantization", choices=["int8", "bf16", "fp16", "fp32"])
     run.add_argument("--attention", help="attention backend (default: auto from the preset)")
+    lowvram_cli.add_arguments(run)
     run.add_argument(
         "--checkpoints-dir",
         action="append",
@@ -133,6 +135,10 @@ def _dispatch(session: Session, args: argparse.Namespace) -> int:
         print(f"warning: preset skipped: {message}", file=sys.stderr)
     if args.list_models:
         return list_models(session)
+    if args.plan:
+        return lowvram_cli.plan_command(session, args)
+    if args.save_quantized:
+        return lowvram_cli.save_quantized_command(session, args)
     if args.selftest:
         presets = [p for p in session.catalog.presets.values() if p.model_def.get("selftest")]
         if not presets:

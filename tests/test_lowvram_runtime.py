@@ -265,3 +265,26 @@ def test_planner_sizes_and_ordering() -> None:
     assert plans[("int8", 4)].ram_gb < plans[("bf16", 4)].ram_gb
     text = planner.format_table(list(plans.values()), "z_image_base 1024x1024")
     assert "peak VRAM GB" in text and text.count("\n") == 11
+
+
+def test_cli_plan_and_save_quantized(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from host.cli import main
+    from host.quantize import load_quanto
+    from models.z_image import loading_z_image as loading
+
+    assert main(["--plan", "--model", "z_image_base", "--resolution", "1024x1024", "--vram-gb", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "z_image_base 1024x1024, CFG on, GPU 8.0 GB" in out and out.count(" int8 ") == 5
+    target = tmp_path / "selftest_quanto_bf16_int8.safetensors"
+    argv = [
+        "--ckpts",
+        str(tmp_path / "ckpts"),
+        "--offline",
+        "--model",
+        "z_image_selftest",
+        "--save-quantized",
+        str(target),
+    ]
+    assert main(argv) == 0
+    loading.register_quantized_loader(load_quanto)
+    assert is_quantized(loading.load_transformer(target, None, F32))
