@@ -114,7 +114,7 @@ def shared_cache() -> PromptCache:
 
 def attach_prompt_cache(pipe: Any, identity: Hashable, cache: PromptCache | None = None) -> PromptCache:
     """Wrap the pipeline's replaceable `encode_prompt` with the cache (once); returns the cache."""
-    cache = cache or shared_cache()
+    cache = shared_cache() if cache is None else cache  # an empty cache is falsy (len 0)
     encode = getattr(pipe.encode_prompt, "uncached", pipe.encode_prompt)
     pipe.encode_prompt = cache.wrap(encode, identity, lambda: pipe.device)
     return cache
