@@ -1,0 +1,70 @@
+"""`.lset` files: a named choice of LoRAs with their multipliers (and optionally a prompt), saved in the
+family's LoRA folder. Wan2GP's format: JSON `{"loras": [...], "loras_mult": "1 0.5", "prompt": "..."}`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from common.errors import SettingsError
+
+LSET_SUFFIX = ".lset"
+_FIELDS = {"loras": list, "loras_mult": str, "prompt": str, "full_prompt": str}
+
+
+@dataclass
+class LoraSet:
+    loras: list[str]  # names relative to the LoRA folder (or absolute paths)
+    loras_mult: str = ""  # Wan2GP multiplier syntax, see host.lora.parse_multipliers
+    prompt: str = ""
+
+
+def _lset_path(folder: Path, name: str) -> Path:
+    stem = Path(name).name
+    if not stem or stem != name.replace("\\", "/").split("/")[-1] or stem in (".", ".."):
+        raise SettingsError(f"LoRA set name {name!r} must be a plain file name (no folders)")
+    return Path(folder) / (stem if stem.endswith(LSET_SUFFIX) else stem + LSET_SUFFIX)
+
+
+def save_lset(folder: Path, name: str, lset: LoraSet) -> Path:
+    """Write `<folder>/<name>.lset` atomically (a crash never leaves half a file)."""
+    path = _lset_path(folder, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(asdict(lset), f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_lset(path: Path) -> LoraSet:
+    """Read and validate an .lset file; unknown fields or wrong types are errors naming the file and field."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise SettingsError(f"LoRA set {path}: cannot read it as JSON ({err})") from err
+    if not isinstance(raw, dict):
+        raise SettingsError(f"LoRA set {path}: expected a JSON object with 'loras' and 'loras_mult'")
+    for key, value in raw.items():
+        if key not in _FIELDS:
+            raise SettingsError(f"LoRA set {path}: unknown field {key!r} (known: {', '.join(_FIELDS)})")
+        if not isinstance(value, _FIELDS[key]):
+            raise SettingsError(f"LoRA set {path}: {key!r} must be a {_FIELDS[key].__name__}, got {value!r}")
+    if "loras" not in raw or not all(isinstance(n, str) for n in raw["loras"]):
+        raise SettingsError(f"LoRA set {path}: 'loras' must be a list of file names")
+    return LoraSet(raw["loras"], raw.get("loras_mult", ""), raw.get("prompt", ""))
+
+
+def list_lsets(folder: Path) -> list[str]:
+    """Names of the .lset files directly in `folder`."""
+    folder = Path(folder)
+    return sorted(p.name for p in folder.glob(f"*{LSET_SUFFIX}")) if folder.is_dir() else []
