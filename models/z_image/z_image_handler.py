@@ -84,6 +84,12 @@ class ZImageHandler:
         chosen = getattr(args, "lora_dir_z_image", None) if args is not None else None
         return Path(chosen) if chosen else REPO_ROOT / "loras" / FAMILY
 
+    def normalize_lora(self, state_dict: Mapping[str, Any], target_shapes: Mapping[str, tuple[int, int]] | None = None) -> Any:
+        """LoRA keys of any dialect -> NormalizedLora (models/z_image/lora_z_image.py); errors name the key."""
+        from models.z_image.lora_z_image import normalize_lora
+
+        return normalize_lora(state_dict, target_shapes)
+
     def query_model_files(self, model_type: str, model_def: Mapping[str, Any], quantization: str) -> list[dict[str, Any]]:
         """VAE, text encoder, its config and tokenizer; nothing for a diffusers folder (it has them all).
 
