@@ -56,7 +56,9 @@ def parse_merge_input(text: str) -> MergeInput:
         try:
             return MergeInput(Path(path), float(weight))
         except ValueError:
-            raise SettingsError(f"--merge-loras {text!r}: the weight after ':' must be a number (e.g. A.safetensors:0.7)") from None
+            raise SettingsError(
+                f"--merge-loras {text!r}: the weight after ':' must be a number (e.g. A.safetensors:0.7)"
+            ) from None
     return MergeInput(Path(text), 1.0)
 
 

@@ -24,10 +24,9 @@ class LoraSet:
 
 
 def _lset_path(folder: Path, name: str) -> Path:
-    stem = Path(name).name
-    if not stem or stem != name.replace("\\", "/").split("/")[-1] or stem in (".", ".."):
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
         raise SettingsError(f"LoRA set name {name!r} must be a plain file name (no folders)")
-    return Path(folder) / (stem if stem.endswith(LSET_SUFFIX) else stem + LSET_SUFFIX)
+    return Path(folder) / (name if name.endswith(LSET_SUFFIX) else name + LSET_SUFFIX)
 
 
 def save_lset(folder: Path, name: str, lset: LoraSet) -> Path:

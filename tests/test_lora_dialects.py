@@ -61,8 +61,13 @@ def test_merged_mode_matches_too(model, tmp_path: Path) -> None:
     _check(model, loaded.lora, {m: lora.delta(m) for m in lora.down}, 0.5, merged=True)
 
 
+TARGETS = [
+    "layers.0.attention.to_q", "layers.1.feed_forward.w1", "noise_refiner.0.adaLN_modulation.0", "cap_embedder.1"
+]
+
+
 def _targets(model: torch.nn.Module) -> list[str]:
-    return ["layers.0.attention.to_q", "layers.1.feed_forward.w1", "noise_refiner.0.adaLN_modulation.0", "cap_embedder.1"]
+    return TARGETS
 
 
 def _shape(model: torch.nn.Module, name: str) -> tuple[int, int]:
@@ -192,9 +197,10 @@ def test_lumina2_shapes_are_refused(model) -> None:
 
 
 def test_unmatched_key_is_an_error_naming_it(model) -> None:
-    sd = {**DIALECTS["ai-toolkit"](random_lora(model)), "diffusion_model.layers.0.mystery.lora_A.weight": torch.zeros(4, 64),
-          "diffusion_model.layers.0.mystery.lora_B.weight": torch.zeros(64, 4)}
-    with pytest.raises(CheckpointError, match=r"diffusion_model\.layers\.0\.mystery\.lora_A\.weight.*not a Linear layer"):
+    sd = DIALECTS["ai-toolkit"](random_lora(model))
+    sd["diffusion_model.layers.0.mystery.lora_A.weight"] = torch.zeros(4, 64)
+    sd["diffusion_model.layers.0.mystery.lora_B.weight"] = torch.zeros(64, 4)
+    with pytest.raises(CheckpointError, match=r"layers\.0\.mystery\.lora_A\.weight.*not a Linear layer"):
         normalize_lora(sd, linear_shapes(model))
     with pytest.raises(CheckpointError, match=r"do not map to Z-Image: 'something\.odd'"):
         normalize_lora({"something.odd": torch.zeros(1)})
