@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import GenerationCancelled, UserInputError
-from host import PROGRAM_NAME, __version__, lowvram_cli
+from host import PROGRAM_NAME, __version__, lora_cli, lowvram_cli
 from host.outputs import EXTENSIONS
 from host.progress import ProgressBar, timing_line
 from host.session import HostConfig, Session
@@ -65,6 +65,7 @@ def build_parser(session: Session | None = None) -> argparse.ArgumentParser:
     run.add_argument("--quantization", choices=["int8", "bf16", "fp16", "fp32"])
     run.add_argument("--attention", help="attention backend (default: auto from the preset)")
     lowvram_cli.add_arguments(run)
+    lora_cli.add_arguments(run)
     run.add_argument(
         "--checkpoints-dir",
         action="append",
@@ -137,6 +138,8 @@ def _dispatch(session: Session, args: argparse.Namespace) -> int:
         return list_models(session)
     if args.plan:
         return lowvram_cli.plan_command(session, args)
+    if args.merge_loras:
+        return lora_cli.merge_command(session, args)
     if args.save_quantized:
         return lowvram_cli.save_quantized_command(session, args)
     if args.selftest:

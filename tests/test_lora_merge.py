@@ -79,3 +79,17 @@ def test_lokr_inputs_and_dora_refused(tmp_path: Path, model) -> None:
         merge_main([str(dora)], out, NORMALIZER)
     with pytest.raises(SettingsError, match="must be a .safetensors"):
         merge_main([str(lokr)], tmp_path / "x.ckpt", NORMALIZER)
+
+
+def test_cli_flag(tmp_path: Path, model, capsys: pytest.CaptureFixture[str]) -> None:
+    from host import cli
+
+    a = _save(tmp_path / "a.safetensors", DIALECTS["musubi"](random_lora(model, seed=2)))
+    b = _save(tmp_path / "b.safetensors", DIALECTS["ai-toolkit"](random_lora(model, seed=3)))
+    out = tmp_path / "out" / "merged.safetensors"
+    argv = ["--merge-loras", f"{a}:0.7", f"{b}:0.5", "--output", str(out), "--rank", "6"]
+    assert cli.main(argv) == 0
+    assert "merged 2 LoRA(s)" in capsys.readouterr().out
+    assert load_lora(out, NORMALIZER).report.rank == 6
+    assert cli.main(["--merge-loras", str(tmp_path / "missing.safetensors"), "--output", str(out)]) == 1
+    assert "not exist" in capsys.readouterr().err

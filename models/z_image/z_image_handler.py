@@ -82,7 +82,8 @@ class ZImageHandler:
 
     def get_lora_dir(self, model_type: str, args: argparse.Namespace | None) -> Path:
         chosen = getattr(args, "lora_dir_z_image", None) if args is not None else None
-        return Path(chosen) if chosen else REPO_ROOT / "loras" / FAMILY
+        root = getattr(args, "loras", None) if args is not None else None  # --loras moves the root
+        return Path(chosen) if chosen else Path(root or REPO_ROOT / "loras") / FAMILY
 
     def normalize_lora(self, state_dict: Mapping[str, Any], target_shapes: Mapping[str, tuple[int, int]] | None = None) -> Any:
         """LoRA keys of any dialect -> NormalizedLora (models/z_image/lora_z_image.py); errors name the key."""
