@@ -62,9 +62,9 @@ CUDA_CONTEXT_GB = 0.6  # the CUDA context and cuBLAS workspaces (outside torch's
 # Transformer activations per token (inference): the residual stream, fp32 norm/RoPE copies, q/k/v and
 # the SwiGLU hidden (w1, w3, product) live together in a block: ~ (10*dim + 3*hidden) elements.
 ACT_DIM_FACTOR, ACT_HIDDEN_FACTOR = 10, 3
-# VAE decode activations per output pixel and channel width (fp32): measured ~1.2 kB/pixel for the
-# Flux VAE (bench/bench_lowvram.py --vae), i.e. ~1.3 GB at 1024x1024 untiled.
-VAE_BYTES_PER_PIXEL_FP32 = 1200
+# VAE decode activations per output pixel (fp32): measured 4.0-4.2 kB/pixel for the Flux VAE at 512x512
+# (bench/bench_lowvram.py --vae: 1.06-1.10 GB), i.e. ~4.4 GB at 1024x1024 untiled.
+VAE_BYTES_PER_PIXEL_FP32 = 4200
 STREAM_BUDGET_MB = {2: (1200, 3000), 4: (1200, 3000), 5: (400, 3000)}  # (transformer, other parts)
 PROFILES = (1, 2, 3, 4, 5)
 
@@ -111,7 +111,7 @@ def plan(
     elem = 4 if quantization == "fp32" else 2
     t_act = transformer_activation_bytes(sizes, width, height, batch * (2 if cfg else 1), caption, elem)
     te_act = caption * sizes.text_hidden * 16 * elem  # a few hidden-size buffers per token
-    vae_act = vae_decode_bytes(width, height, tiled_pixels=512 * 512 if width * height > 1280 * 1280 else None)
+    vae_act = vae_decode_bytes(width, height, tiled_pixels=512 * 512 if max(width, height) > 1024 else None)
     if profile in (1, 3):
         on_gpu = {"te": te_w, "t": t_w}
     else:

@@ -23,10 +23,10 @@ import torch
 log = logging.getLogger(__name__)
 
 VAE_SCALE = 8  # pixels per latent pixel
-# Decode peak memory grows with the pixel count: about 1.2 kB of activations per output pixel in fp32
-# for the Flux VAE (measured by bench/bench_lowvram.py --vae: ~1.3 GB at 1024x1024 untiled). Above
-# 1280x1280 (160 latent pixels) tiles of 512 px keep the decode under ~0.4 GB.
-DEFAULT_MIN_LATENT = 160
+# Decode peak memory grows with the pixel count: ~4.2 kB of activations per output pixel in fp32 for the
+# Flux VAE (measured by bench/bench_lowvram.py --vae: 1.06-1.10 GB at 512x512, so ~4.4 GB at 1024x1024).
+# Above 1024 px per side (128 latent pixels) tiles of 512 px keep the decode near 1.1 GB.
+DEFAULT_MIN_LATENT = 128
 DEFAULT_TILE = 64  # latent pixels per tile side (512 px)
 DEFAULT_OVERLAP = 16  # latent pixels (128 px)
 
