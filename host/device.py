@@ -56,7 +56,8 @@ def choose_device(requested: str | None = None) -> DeviceChoice:
 
 
 def attention_backend(setting: str, rules: Mapping[str, str] | None, capability: int | None) -> str:
-    """The backend for this run: an explicit setting wins; "auto" applies the first matching rule."""
+    """The backend for this run: an explicit setting wins; "auto" applies the first matching preset
+    rule, and with no matching rule on a GPU stays "auto" (the dispatch picks the best installed)."""
     if setting != "auto":
         return setting
     if capability is None:
@@ -68,7 +69,7 @@ def attention_backend(setting: str, rules: Mapping[str, str] | None, capability:
             continue
         if _OPS[match[1]](capability, int(match[2])):
             return backend
-    return DEFAULT_ATTENTION
+    return "auto"
 
 
 def reset_peak_memory(device: str) -> None:
