@@ -23,6 +23,8 @@ from host.vae_tiling import TilingOptions, enable_tiling
 
 log = logging.getLogger(__name__)
 
+LOW_VRAM_PROFILES = (2, 4, 5)  # mmgp profiles that stream the transformer: VRAM is the limit
+
 
 def load_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """The handler's load options with the low-VRAM choices added.
@@ -63,6 +65,9 @@ def apply_lowvram(model: Any, options: Mapping[str, Any], files: Mapping[str, Pa
     if vae is not None:
         enable_tiling(vae, TilingOptions(mode=options.get("vae_tiling", "auto")))
         guard_vae_decode(vae)
+    profile = offload_mod.resolve_profile(options.get("profile", "auto"), device)
+    if profile in LOW_VRAM_PROFILES and hasattr(model, "batch_cfg"):
+        model.batch_cfg = False  # guidance branches one after the other: half the activation memory
     handle = offload_mod.apply_offload(model, options.get("profile", "auto"), device)
     _release_after_generation(model, handle)
     return model

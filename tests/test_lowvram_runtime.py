@@ -232,6 +232,7 @@ def test_transforms_on_a_pipeline_cpu(tiny_flat_layout: dict[str, Path], caplog:
     with caplog.at_level(logging.INFO, logger="host.offload"):
         model = apply_lowvram(pipe, options, {"text_encoder": tiny_flat_layout["text_encoder"]})
     assert model is pipe and is_quantized(pipe.transformer) and hasattr(pipe.vae, "_untiled_decode")
+    assert pipe.batch_cfg  # no VRAM to save on the CPU: guidance branches stay batched
     result = pipe.generate(SETTINGS)
     assert result.images[0].size == (64, 64)
     pipe.release()
@@ -244,6 +245,7 @@ def test_offload_profiles_on_cuda(tiny_flat_layout: dict[str, Path], profile: in
     pipe = _pipeline(tiny_flat_layout)  # loaded on the CPU, as under mmgp
     options = load_options({"device": "cuda", "dtype": torch.bfloat16, "quantization": "int8", "profile": profile})
     apply_lowvram(pipe, options, {})
+    assert pipe.batch_cfg == (profile not in (2, 4, 5))  # streaming profiles run guidance branches in turn
     result = pipe.generate(SETTINGS)
     assert result.images[0].size == (64, 64)
     assert torch.cuda.memory_allocated() < 64 * 2**20  # parts sent back to RAM after the generation
