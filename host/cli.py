@@ -82,6 +82,7 @@ def build_parser(session: Session | None = None) -> argparse.ArgumentParser:
     web.add_argument("--server-port", type=int, default=7860)
     web.add_argument("--listen", action="store_true", help="serve on all interfaces (not only 127.0.0.1)")
     web.add_argument("--share", action="store_true", help="Gradio share link")
+    web.add_argument("--settings-dir", type=Path, help="where 'save as my defaults' writes (default: settings/)")
     dev = p.add_argument_group("development (point the host at other folders)")
     dev.add_argument("--models-root", type=Path, help=argparse.SUPPRESS)
     dev.add_argument("--defaults-dir", type=Path, help=argparse.SUPPRESS)

@@ -1,0 +1,235 @@
+"""The web UI (Gradio): `python wgp.py` serves it on http://127.0.0.1:7860.
+
+The page is up before any model loads; the first generation checks and downloads the files and loads
+the model, with its own progress. Tasks go to a queue (host/web_queue.py) run by one worker thread with
+the same session calls as the CLI (prepare -> run -> save), so images are saved exactly as the CLI saves
+them. The page polls the worker twice a second. Layout here; form logic in web_form.py, model facts in
+web_models.py, HTML in web_render.py; the handlers live in web_events.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from host import PROGRAM_NAME, __version__
+from host.session import Session
+from host.web_form import DEFAULT_SETTINGS_DIR, FIELD_IDS, resolution_choices
+from host.web_models import family_choices, family_of, model_choices, models_of_family
+
+DEFAULT_PORT = 7860
+POLL_S = 0.5
+SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "Helvetica", "Arial", "sans-serif"]
+MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"]
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Serve the web UI until Ctrl-C (called by `python wgp.py` with the parsed CLI flags)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no phoning home
+    from host.cli import config_from_args
+
+    session = Session(config_from_args(args))
+    settings_dir = getattr(args, "settings_dir", None) or DEFAULT_SETTINGS_DIR
+    demo = build_app(session, Path(settings_dir))
+    host = "0.0.0.0" if args.listen else "127.0.0.1"
+    if args.listen:
+        print(
+            "WARNING: --listen serves the web UI on every network interface, without a password: anyone who can "
+            "reach this machine can generate images and read the output folder."
+        )
+    port = args.server_port or DEFAULT_PORT
+    shown = host if args.listen else "127.0.0.1"
+    print(f"{PROGRAM_NAME} {__version__}: web UI on http://{shown}:{port} (Ctrl-C to stop)")
+    serve(demo, session, host, port, share=bool(args.share))
+    return 0
+
+
+def serve(demo: Any, session: Session, host: str, port: int, share: bool = False, block: bool = True) -> None:
+    """Start the server (no analytics, no server-side rendering, no share link unless asked)."""
+    import gradio as gr
+
+    theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS)  # system fonts: no font download
+    from host.web_render import CSS
+
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        inbrowser=False,
+        prevent_thread_lock=not block,
+        show_error=True,
+        quiet=True,
+        ssr_mode=False,
+        mcp_server=False,
+        pwa=False,
+        allowed_paths=[str(session.config.output_dir)],
+        theme=theme,
+        css=CSS,
+        footer_links=[],
+    )
+
+
+def build_app(session: Session, settings_dir: Path | None = DEFAULT_SETTINGS_DIR) -> Any:
+    """The Blocks app; nothing is loaded (presets are read, no model files are touched)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+
+    from host.web_events import WebApp
+
+    app = WebApp(session, settings_dir)
+    with gr.Blocks(title=PROGRAM_NAME, analytics_enabled=False) as demo:
+        gr.Markdown(f"## {PROGRAM_NAME} {__version__} · local image generation")
+        c: dict[str, Any] = {}
+        with gr.Row():
+            with gr.Column(scale=5):
+                _model_panel(gr, c, app)
+                _prompt_panel(gr, c)
+                _size_panel(gr, c, app)
+                _advanced_panel(gr, c)
+                _lora_panel(gr, c)
+                _buttons(gr, c)
+            with gr.Column(scale=6):
+                _results_panel(gr, c)
+        c["page"] = gr.State({})
+        c["selected"] = gr.State(None)
+        c["timer"] = gr.Timer(POLL_S)
+        app.wire(gr, demo, c)
+    return demo
+
+
+def _model_panel(gr: Any, c: dict[str, Any], app: Any) -> None:
+    choices = model_choices(app.session)
+    default = app.default_model(choices)
+    family = family_of(choices, default) if default else None
+    with gr.Row():
+        c["family"] = gr.Dropdown(family_choices(choices), value=family, label="Family", elem_id="family", scale=1)
+        c["model"] = gr.Dropdown(
+            models_of_family(choices, family) if family else [],
+            value=default,
+            label="Model",
+            elem_id="model",
+            scale=3,
+            allow_custom_value=True,
+        )
+    c["model_info"] = gr.Markdown(app.model_info(default, None), elem_id="model_info")
+
+
+def _prompt_panel(gr: Any, c: dict[str, Any]) -> None:
+    c["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id="prompt")
+    c["token_count"] = gr.Markdown("", elem_id="token_count")
+    c["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=2, elem_id="negative_prompt")
+
+
+def _size_panel(gr: Any, c: dict[str, Any], app: Any) -> None:
+    with gr.Row():
+        c["resolution"] = gr.Dropdown(
+            resolution_choices(app.preset_sizes()),
+            label="Resolution",
+            elem_id="resolution",
+            allow_custom_value=True,
+            scale=2,
+        )
+        c["width"] = gr.Number(label="Width", precision=0, elem_id="width", scale=1)
+        c["height"] = gr.Number(label="Height", precision=0, elem_id="height", scale=1)
+    c["size_note"] = gr.Markdown("", elem_id="size_note")
+    with gr.Row():
+        c["steps"] = gr.Number(label="Steps", precision=0, minimum=1, maximum=1000, elem_id="steps")
+        c["guidance"] = gr.Number(label="Guidance", step=0.1, minimum=0, elem_id="guidance")
+        c["flow_shift"] = gr.Number(label="Flow shift", step=0.1, minimum=0, elem_id="flow_shift")
+    with gr.Row():
+        c["seed"] = gr.Number(label="Seed (-1 = random)", precision=0, elem_id="seed", scale=2)
+        c["reuse_seed"] = gr.Button("♻ last seed", elem_id="reuse_seed", scale=1, size="sm")
+        c["batch_size"] = gr.Number(
+            label="Batch size", precision=0, minimum=1, maximum=64, elem_id="batch_size", scale=2
+        )
+
+
+def _advanced_panel(gr: Any, c: dict[str, Any]) -> None:
+    with gr.Accordion("Advanced options", open=False):
+        with gr.Row():
+            c["cfg_normalization"] = gr.Number(
+                label="CFG normalization (0 = off)", step=0.1, minimum=0, elem_id="cfg_normalization"
+            )
+            c["cfg_truncation"] = gr.Number(
+                label="CFG truncation (>= 1: never)", step=0.05, minimum=0, elem_id="cfg_truncation"
+            )
+            c["max_tokens"] = gr.Number(
+                label="Max prompt tokens", precision=0, minimum=1, maximum=1024, elem_id="max_tokens"
+            )
+        with gr.Row():
+            c["quantization"] = gr.Dropdown(["int8", "bf16", "fp16", "fp32"], label="Weights", elem_id="quantization")
+            c["profile"] = gr.Dropdown(
+                ["auto", "1", "2", "3", "4", "5"],
+                label="Offload profile (CUDA)",
+                elem_id="profile",
+                allow_custom_value=True,
+            )
+            c["attention"] = gr.Dropdown(
+                ["auto", "sdpa", "flash", "sage", "sage2"],
+                label="Attention",
+                elem_id="attention",
+                allow_custom_value=True,
+            )
+            c["output_format"] = gr.Dropdown(["png", "jpeg", "webp"], label="File format", elem_id="output_format")
+        c["memory_plan"] = gr.Code(
+            label="Memory planner (expected peaks)", language=None, elem_id="memory_plan", lines=4
+        )
+
+
+def _lora_panel(gr: Any, c: dict[str, Any]) -> None:
+    with gr.Accordion("LoRAs", open=False):
+        with gr.Row():
+            c["loras"] = gr.Dropdown(
+                [], multiselect=True, label="LoRAs (family folder)", elem_id="loras", allow_custom_value=True, scale=4
+            )
+            c["lora_refresh"] = gr.Button("⟳ refresh", elem_id="lora_refresh", size="sm", scale=1)
+        c["loras_multipliers"] = gr.Textbox(
+            label="Multipliers",
+            info="one per LoRA, space separated (0.8 1.0); a comma list is a schedule over the steps (1,0.5,0)",
+            elem_id="loras_multipliers",
+        )
+        with gr.Row():
+            c["lset"] = gr.Dropdown([], label="LoRA set (.lset)", elem_id="lset", allow_custom_value=True, scale=2)
+            c["lset_load"] = gr.Button("load set", elem_id="lset_load", size="sm", scale=1)
+            c["lset_name"] = gr.Textbox(label="save as", elem_id="lset_name", scale=2)
+            c["lset_save"] = gr.Button("save set", elem_id="lset_save", size="sm", scale=1)
+        c["lora_report"] = gr.Markdown("", elem_id="lora_report")
+
+
+def _buttons(gr: Any, c: dict[str, Any]) -> None:
+    with gr.Row():
+        c["generate"] = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
+        c["abort"] = gr.Button("Abort", variant="stop", elem_id="abort", scale=1)
+        c["clear_queue"] = gr.Button("Clear queue", elem_id="clear_queue", scale=1)
+    c["save_defaults"] = gr.Button("Save as my defaults for this model", elem_id="save_defaults", size="sm")
+
+
+def _results_panel(gr: Any, c: dict[str, Any]) -> None:
+    c["status"] = gr.HTML("", elem_id="status")
+    c["progress"] = gr.HTML("", elem_id="progress")
+    with gr.Row():
+        c["preview"] = gr.Image(
+            label="Live preview (latents)", elem_id="preview", type="pil", interactive=False, height=256
+        )
+        c["queue"] = gr.HTML("", elem_id="queue")
+    c["gallery"] = gr.Gallery(
+        label="Images since this page opened", elem_id="gallery", columns=4, height=360, interactive=False
+    )
+    c["image_settings"] = gr.Code(
+        label="Settings of the selected image", language="json", elem_id="image_settings", lines=6
+    )
+    with gr.Row():
+        c["use_settings"] = gr.Button("Use these settings", elem_id="use_settings", scale=1)
+        c["settings_drop"] = gr.File(
+            label="Drop a PNG/JPEG/WebP to use its settings",
+            file_types=["image"],
+            elem_id="settings_drop",
+            height=90,
+            scale=2,
+        )
+
+
+__all__ = ["FIELD_IDS", "build_app", "launch", "serve"]

@@ -1,0 +1,417 @@
+"""The web UI's event handlers: what each button and field does. Layout is in host/web.py.
+
+Handlers return `{component: update}` dicts so each one touches only what it changes. Every failure
+becomes a message in `#status` (or the field's note); no handler lets an exception reach Gradio.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from common.errors import UserInputError
+from host.lora_sets import LoraSet, list_lsets, load_lset, save_lset
+from host.outputs import read_settings
+from host.session import Session, Task
+from host.web_form import (
+    CUSTOM,
+    FIELD_IDS,
+    accepted_keys,
+    form_from_settings,
+    parse_size,
+    preset_defaults,
+    resolution_choices,
+    resolution_value,
+    save_user_defaults,
+    settings_from_form,
+    settings_from_image,
+    snap_size,
+)
+from host.web_models import (
+    count_tokens,
+    detected_vram_gb,
+    family_of,
+    files_report,
+    is_out_of_memory,
+    lora_files,
+    lora_folder,
+    lora_reports,
+    memory_plan,
+    model_choices,
+    models_of_family,
+    negative_prompt_note,
+    out_of_memory_advice,
+    tokenizer_folder,
+)
+from host.web_queue import GenerationWorker
+from host.web_render import download_bytes, progress_html, queue_html, status_html
+
+log = logging.getLogger(__name__)
+
+
+class WebApp:
+    """One per server: the session, its worker thread, and the handlers the page calls."""
+
+    def __init__(self, session: Session, settings_dir: Path | None):
+        self.session = session
+        self.settings_dir = settings_dir
+        self.worker = GenerationWorker(session, format_error=self.format_error)
+        self.choices = model_choices(session)
+        self.c: dict[str, Any] = {}
+        self.vram_gb = detected_vram_gb()
+
+    # -- facts for the layout -------------------------------------------------------------------
+
+    def default_model(self, choices: list[Any]) -> str | None:
+        """The first real model (self-test presets come last)."""
+        real = [
+            c.model_type for c in choices if not self.session.catalog.presets[c.model_type].model_def.get("selftest")
+        ]
+        return (real or [c.model_type for c in choices] or [None])[0]
+
+    def preset_sizes(self) -> list[str]:
+        return sorted(
+            {str(p.settings["resolution"]) for p in self.session.catalog.presets.values() if "resolution" in p.settings}
+        )
+
+    def model_info(self, model_type: str | None, quantization: str | None) -> str:
+        if not model_type:
+            return "No model found: add a preset to defaults/ or finetunes/."
+        try:
+            preset = self.session.catalog.get(model_type)
+            quantization = quantization or preset_defaults(self.session, preset, self.settings_dir).get(
+                "quantization", "int8"
+            )
+            report = files_report(self.session, preset, str(quantization))
+        except UserInputError as exc:
+            return f"**{exc}**"
+        description = preset.model_def.get("description", "")
+        return f"{description}\n\n{report.text}" if description else report.text
+
+    def format_error(self, task: Task, exc: BaseException) -> str:
+        """The worker's message for an unexpected error: out of memory gets the planner's advice."""
+        if is_out_of_memory(exc):
+            return out_of_memory_advice(task.preset, task.settings)
+        return f"{type(exc).__name__}: {exc} (details in the terminal)"
+
+    # -- wiring ---------------------------------------------------------------------------------
+
+    def wire(self, gr_module: Any, demo: Any, c: dict[str, Any]) -> None:
+        """Connect every event; `c` maps element ids to components."""
+        self.c = c
+        form = [c[f] for f in FIELD_IDS]
+        self.apply_outputs = [*form, c["family"], c["resolution"], c["status"]]
+        demo.load(self.on_model_input, [c["model"]], self.apply_outputs, show_progress="hidden")
+        c["family"].input(self.on_family, [c["family"]], [c["model"]]).then(
+            self.on_model_input, [c["model"]], self.apply_outputs, show_progress="hidden"
+        )
+        c["model"].input(self.on_model_input, [c["model"]], self.apply_outputs, show_progress="hidden")
+        model_outputs = [c["model_info"], c["loras"], c["lset"]]
+        c["model"].change(self.on_model_change, [c["model"], c["quantization"]], model_outputs, show_progress="hidden")
+        c["quantization"].change(
+            self.on_model_change, [c["model"], c["quantization"]], model_outputs, show_progress="hidden"
+        )
+        token_inputs = [c["model"], c["prompt"], c["max_tokens"], c["quantization"]]
+        for event in (c["prompt"].change, c["max_tokens"].change, c["model"].change):
+            event(self.on_tokens, token_inputs, [c["token_count"]], show_progress="hidden", trigger_mode="always_last")
+        c["guidance"].change(self.on_guidance, [c["guidance"]], [c["negative_prompt"]], show_progress="hidden")
+        c["resolution"].input(self.on_resolution, [c["resolution"]], [c["width"], c["height"]], show_progress="hidden")
+        plan_inputs = [c["model"], c["width"], c["height"], c["guidance"]]
+        for name in ("width", "height"):
+            c[name].change(
+                self.on_size, [c["width"], c["height"]], [c["size_note"], c["resolution"]], show_progress="hidden"
+            )
+        for name in ("model", "width", "height", "guidance"):
+            c[name].change(self.on_memory, plan_inputs, [c["memory_plan"]], show_progress="hidden")
+        self._wire_run(c, form)
+        self._wire_results(c)
+        self._wire_loras(c)
+
+    def _wire_run(self, c: dict[str, Any], form: list[Any]) -> None:
+        c["generate"].click(
+            self.on_generate, form, [c["status"], c["width"], c["height"], c["size_note"]], show_progress="hidden"
+        )
+        c["abort"].click(self.on_abort, None, [c["status"]], show_progress="hidden")
+        c["clear_queue"].click(self.on_clear, None, [c["status"]], show_progress="hidden")
+        c["save_defaults"].click(self.on_save_defaults, form, [c["status"]], show_progress="hidden")
+        c["reuse_seed"].click(self.on_reuse_seed, [c["selected"]], [c["seed"], c["status"]], show_progress="hidden")
+        tick_outputs = [c["progress"], c["preview"], c["gallery"], c["status"], c["queue"], c["page"]]
+        c["timer"].tick(self.on_tick, [c["page"]], tick_outputs, show_progress="hidden", concurrency_limit=None)
+
+    def _wire_results(self, c: dict[str, Any]) -> None:
+        c["gallery"].select(self.on_select, [c["page"]], [c["image_settings"], c["selected"]], show_progress="hidden")
+        c["use_settings"].click(
+            self.on_use_settings, [c["selected"], c["model"]], self.apply_outputs, show_progress="hidden"
+        )
+        c["settings_drop"].upload(
+            self.on_drop, [c["settings_drop"], c["model"]], self.apply_outputs, show_progress="hidden"
+        )
+
+    def _wire_loras(self, c: dict[str, Any]) -> None:
+        report_inputs = [c["model"], c["loras"], c["loras_multipliers"]]
+        c["loras"].change(self.on_lora_report, report_inputs, [c["lora_report"]], show_progress="hidden")
+        c["loras_multipliers"].blur(self.on_lora_report, report_inputs, [c["lora_report"]], show_progress="hidden")
+        c["lora_refresh"].click(
+            self.on_lora_refresh, [c["model"]], [c["loras"], c["lset"], c["status"]], show_progress="hidden"
+        )
+        c["lset_load"].click(
+            self.on_lset_load,
+            [c["model"], c["lset"]],
+            [c["loras"], c["loras_multipliers"], c["status"]],
+            show_progress="hidden",
+        )
+        c["lset_save"].click(
+            self.on_lset_save,
+            [c["model"], c["lset_name"], c["loras"], c["loras_multipliers"], c["prompt"]],
+            [c["lset"], c["status"]],
+            show_progress="hidden",
+        )
+
+    # -- model and form -------------------------------------------------------------------------
+
+    def on_family(self, family: str) -> Any:
+        models = models_of_family(self.choices, family)
+        return gr.update(choices=models, value=models[0][1] if models else None)
+
+    def on_model_input(self, model_type: str | None) -> dict[Any, Any]:
+        """A model was chosen: its defaults (preset < the user's saved defaults) fill the form."""
+        if not model_type:
+            return {}
+        try:
+            preset = self.session.catalog.get(model_type)
+        except UserInputError as exc:
+            return {self.c["status"]: status_html(str(exc), "error")}
+        return self.apply(preset_defaults(self.session, preset, self.settings_dir), model_type)
+
+    def apply(self, settings: dict[str, Any], current_model: str | None, note: str = "") -> dict[Any, Any]:
+        """Put settings into the form (fields the settings do not mention keep their values)."""
+        c, catalog = self.c, self.session.catalog.presets
+        wanted = settings.get("model_type")
+        model_type = wanted if wanted in catalog else current_model
+        if wanted and wanted not in catalog:
+            note += f" The model type {wanted!r} is not available here; kept {current_model!r}."
+        values = form_from_settings({k: v for k, v in settings.items() if k != "model_type"})
+        updates: dict[Any, Any] = {c[f]: v for f, v in values.items() if f != "model" and f != "loras"}
+        if model_type:
+            family = family_of(self.choices, model_type)
+            updates[c["family"]] = family
+            updates[c["model"]] = gr.update(
+                value=model_type, choices=models_of_family(self.choices, family) if family else []
+            )
+            files = lora_files(self.session, catalog[model_type])
+            lora_update = {"choices": files} | ({"value": values["loras"]} if "loras" in values else {})
+            updates[c["loras"]] = gr.update(**lora_update)
+        if "width" in values:
+            updates[c["resolution"]] = resolution_value(values["width"], values["height"], self._resolutions())
+        if note.strip():
+            updates[c["status"]] = status_html(note.strip(), "info")
+        return updates
+
+    def _resolutions(self) -> list[tuple[str, str]]:
+        return resolution_choices(self.preset_sizes())
+
+    def on_model_change(self, model_type: str | None, quantization: str | None) -> tuple[Any, Any, Any]:
+        info = self.model_info(model_type, quantization)
+        if not model_type or model_type not in self.session.catalog.presets:
+            return info, gr.update(), gr.update()
+        preset = self.session.catalog.presets[model_type]
+        folder = lora_folder(self.session, preset)
+        return info, gr.update(choices=lora_files(self.session, preset)), gr.update(choices=list_lsets(folder))
+
+    def on_tokens(
+        self, model_type: str | None, prompt: str | None, max_tokens: float | None, quantization: str | None
+    ) -> str:
+        preset = self.session.catalog.presets.get(model_type or "")
+        if preset is None:
+            return ""
+        folder = tokenizer_folder(self.session, preset, quantization or "int8")
+        return count_tokens(prompt or "", folder, int(max_tokens or 512)).markdown()
+
+    def on_guidance(self, guidance: float | None) -> Any:
+        active, label = negative_prompt_note(guidance)
+        return gr.update(label=label, elem_classes=[] if active else ["wgp-inactive"])
+
+    def on_resolution(self, resolution: str | None) -> tuple[Any, Any]:
+        if not resolution or resolution == CUSTOM:
+            return gr.update(), gr.update()
+        try:
+            width, height = parse_size(resolution)
+        except UserInputError:
+            return gr.update(), gr.update()
+        return width, height
+
+    def on_size(self, width: float | None, height: float | None) -> tuple[str, Any]:
+        if width is None or height is None:
+            return "", gr.update()
+        w, h, note = snap_size(width, height)
+        text = f"Custom size: will be {note}." if note else ""
+        return text, resolution_value(int(width), int(height), self._resolutions())
+
+    def on_memory(
+        self, model_type: str | None, width: float | None, height: float | None, guidance: float | None
+    ) -> str:
+        preset = self.session.catalog.presets.get(model_type or "")
+        if preset is None or not width or not height:
+            return ""
+        settings = {"resolution": f"{int(width)}x{int(height)}", "guidance_scale": guidance or 0}
+        return memory_plan(preset, settings, self.vram_gb) or "(no memory plan for this model)"
+
+    # -- running --------------------------------------------------------------------------------
+
+    def on_generate(self, *values: Any) -> dict[Any, Any]:
+        """Validate the form now (errors shown at once), then queue it as a job with its own settings."""
+        c, form = self.c, dict(zip(FIELD_IDS, values, strict=True))
+        if not form.get("model"):
+            return {c["status"]: status_html("Choose a model first.", "error")}
+        try:
+            preset = self.session.catalog.get(form["model"])
+            result = settings_from_form(form, accepted_keys(self.session, preset))
+            task = self.session.prepare({**result.settings, "model_type": preset.model_type}, "web UI")
+        except UserInputError as exc:
+            return {c["status"]: status_html(f"Not queued: {exc}", "error")}
+        ahead = len(self.worker.snapshot().pending) + (0 if self.worker.idle() else 1)
+        job = self.worker.submit(task)
+        text = f"Queued job #{job.id} ({task.model_type}, {task.settings.get('resolution', '')})"
+        text += f", {ahead} ahead of it." if ahead else "."
+        updates: dict[Any, Any] = {c["status"]: status_html(" ".join([text, *result.notes]), "info")}
+        if result.notes and "resolution" in task.settings:
+            updates[c["width"]], updates[c["height"]] = parse_size(str(task.settings["resolution"]))
+            updates[c["size_note"]] = result.notes[0]
+        return updates
+
+    def on_abort(self) -> str:
+        return status_html(self.worker.abort(), "info")
+
+    def on_clear(self) -> str:
+        return status_html(f"Removed {self.worker.clear()} waiting job(s) from the queue.", "info")
+
+    def on_save_defaults(self, *values: Any) -> str:
+        form = dict(zip(FIELD_IDS, values, strict=True))
+        if self.settings_dir is None or not form.get("model"):
+            return status_html("Choose a model first.", "error")
+        try:
+            preset = self.session.catalog.get(form["model"])
+            result = settings_from_form(form, accepted_keys(self.session, preset))
+            self.session.prepare({**result.settings, "model_type": preset.model_type}, "defaults")
+            path = save_user_defaults(self.settings_dir, preset.model_type, result.settings)
+        except (UserInputError, OSError) as exc:
+            return status_html(f"Defaults not saved: {exc}", "error")
+        return status_html(f"Saved as your defaults for {preset.model_type}: {path}", "success")
+
+    def on_reuse_seed(self, selected: str | None) -> tuple[Any, str]:
+        seed = None
+        if selected:
+            seed = self._read(Path(selected)).get("seed")
+        if seed is None:
+            done = [j for j in self.worker.snapshot().finished if j.settings]
+            seed = done[-1].settings.get("seed") if done else None
+        if seed is None:
+            return gr.update(), status_html("No image yet: generate one (or pick one in the gallery) first.", "info")
+        return seed, status_html(f"Seed {seed} reused.", "info")
+
+    def on_tick(self, page: dict[str, Any] | None) -> dict[Any, Any]:
+        """Poll the worker: progress, preview, new gallery images and the latest event, only what changed."""
+        c, snap, page = self.c, self.worker.snapshot(), dict(page or {})
+        page.setdefault("start", len(snap.results))  # the gallery shows what was made since the page opened
+        updates: dict[Any, Any] = {}
+        downloading = (
+            download_bytes(self.session.folders.primary)
+            if snap.current and snap.current.state == "checking files"
+            else 0
+        )
+        for key, html_text in (("progress", progress_html(snap, downloading)), ("queue", queue_html(snap))):
+            if page.get(key) != html_text:
+                updates[c[key]] = page[key] = html_text
+        items = list(reversed(snap.results[page["start"] :]))
+        if len(items) != page.get("gallery_n"):
+            page["gallery_n"], page["paths"] = len(items), [str(i.path) for i in items]
+            updates[c["gallery"]] = [(str(i.path), i.caption) for i in items]
+        if snap.preview_version != page.get("preview_v") and snap.preview is not None:
+            page["preview_v"], updates[c["preview"]] = snap.preview_version, snap.preview
+        if snap.event is not None and snap.event.version != page.get("event_v"):
+            page["event_v"], updates[c["status"]] = snap.event.version, status_html(snap.event.text, snap.event.level)
+        updates[c["page"]] = page
+        return updates
+
+    # -- results --------------------------------------------------------------------------------
+
+    def on_select(self, page: dict[str, Any] | None, evt: gr.SelectData) -> tuple[str, str | None]:
+        paths = (page or {}).get("paths", [])
+        if evt.index is None or not 0 <= int(evt.index) < len(paths):
+            return "", None
+        path = paths[int(evt.index)]
+        return json.dumps(self._read(Path(path)), indent=2), path
+
+    def _read(self, path: Path) -> dict[str, Any]:
+        try:
+            return read_settings(path)
+        except UserInputError as exc:
+            return {"error": str(exc)}
+
+    def on_use_settings(self, selected: str | None, model_type: str | None) -> dict[Any, Any]:
+        if not selected:
+            return {self.c["status"]: status_html("Select an image in the gallery first.", "info")}
+        return self._apply_image(Path(selected), model_type)
+
+    def on_drop(self, file: Any, model_type: str | None) -> dict[Any, Any]:
+        path = getattr(file, "name", file)
+        if not path:
+            return {}
+        return self._apply_image(Path(str(path)), model_type)
+
+    def _apply_image(self, path: Path, model_type: str | None) -> dict[Any, Any]:
+        try:
+            found = settings_from_image(path)
+        except UserInputError as exc:
+            return {self.c["status"]: status_html(str(exc), "error")}
+        settings = {k: v for k, v in found.settings.items() if k != "generation_info"}
+        return self.apply(settings, model_type, f"Settings taken from {path.name} ({found.source}).")
+
+    # -- LoRAs ----------------------------------------------------------------------------------
+
+    def on_lora_report(self, model_type: str | None, loras: list[str] | None, multipliers: str | None) -> str:
+        preset = self.session.catalog.presets.get(model_type or "")
+        if preset is None or not loras:
+            return ""
+        try:
+            return lora_reports(self.session, preset, list(loras), multipliers or "")
+        except Exception as exc:  # noqa: BLE001 - a broken LoRA file must show as a message, not a dead field
+            log.warning("LoRA report failed", exc_info=True)
+            return f"**LoRA report failed: {type(exc).__name__}: {exc}**"
+
+    def on_lora_refresh(self, model_type: str | None) -> tuple[Any, Any, str]:
+        preset = self.session.catalog.presets.get(model_type or "")
+        if preset is None:
+            return gr.update(), gr.update(), status_html("Choose a model first.", "error")
+        folder, files = lora_folder(self.session, preset), lora_files(self.session, preset)
+        text = f"{len(files)} LoRA file(s) in {folder}" + (
+            "" if folder.is_dir() else " (the folder does not exist yet)"
+        )
+        return gr.update(choices=files), gr.update(choices=list_lsets(folder)), status_html(text, "info")
+
+    def on_lset_load(self, model_type: str | None, name: str | None) -> tuple[Any, Any, str]:
+        preset = self.session.catalog.presets.get(model_type or "")
+        if preset is None or not name:
+            return gr.update(), gr.update(), status_html("Choose a model and a LoRA set first.", "error")
+        try:
+            lset = load_lset(lora_folder(self.session, preset) / name)
+        except UserInputError as exc:
+            return gr.update(), gr.update(), status_html(str(exc), "error")
+        return gr.update(value=lset.loras), lset.loras_mult, status_html(f"LoRA set {name} loaded.", "success")
+
+    def on_lset_save(
+        self, model_type: str | None, name: str | None, loras: list[str] | None, mult: str | None, prompt: str | None
+    ):
+        preset = self.session.catalog.presets.get(model_type or "")
+        if preset is None:
+            return gr.update(), status_html("Choose a model first.", "error")
+        folder = lora_folder(self.session, preset)
+        try:
+            path = save_lset(folder, (name or "").strip(), LoraSet(list(loras or []), mult or "", prompt or ""))
+        except (UserInputError, OSError) as exc:
+            return gr.update(), status_html(f"LoRA set not saved: {exc}", "error")
+        return gr.update(choices=list_lsets(folder), value=path.name), status_html(f"LoRA set saved: {path}", "success")

@@ -1,0 +1,296 @@
+"""The web UI's generation queue: one worker thread owns the session and runs queued tasks one by one.
+
+A session holds one loaded model and is not thread-safe, so only the worker calls `files_for`,
+`model_for`, `run` and `save` (the page's handlers only validate with `prepare`, which reads presets).
+The page polls `snapshot()`; nothing a task does (bad files, out of memory, abort) stops the worker.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from common.errors import GenerationCancelled, UserInputError
+from common.sampling import get_sigmas
+from host.preview import LatentPreviewer, preview_interval
+from host.progress import format_duration
+from host.session import Session, Task
+
+log = logging.getLogger(__name__)
+
+QUEUED, FILES, LOADING, RUNNING, SAVING, DONE, FAILED, ABORTED = (
+    "queued",
+    "checking files",
+    "loading model",
+    "generating",
+    "saving",
+    "done",
+    "failed",
+    "aborted",
+)
+FINISHED = (DONE, FAILED, ABORTED)
+
+
+@dataclass
+class Job:
+    """One queued task with its own settings (a snapshot taken when Generate was pressed)."""
+
+    id: int
+    task: Task
+    state: str = QUEUED
+    message: str = ""
+    step: int = 0
+    total: int = 0
+    elapsed_s: float = 0.0
+    paths: list[Path] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)  # as used (seed resolved), once done
+    lora_reports: list[str] = field(default_factory=list)
+
+    @property
+    def s_per_it(self) -> float | None:
+        return self.elapsed_s / self.step if self.step else None
+
+    @property
+    def eta_s(self) -> float | None:
+        per_it = self.s_per_it
+        return None if per_it is None else per_it * (self.total - self.step)
+
+    def progress_text(self) -> str:
+        """'step 3/8 · 0.52 s/it · ETA 0:03' (or the phase while there are no steps yet)."""
+        if self.state != RUNNING or not self.step:
+            return self.state
+        per_it, eta = self.s_per_it or 0.0, format_duration(self.eta_s or 0.0)
+        return f"step {self.step}/{self.total} · {per_it:.2f} s/it · ETA {eta}"
+
+
+@dataclass
+class GalleryItem:
+    """One saved image with the settings that made it."""
+
+    path: Path
+    settings: dict[str, Any]
+    job_id: int
+
+    @property
+    def caption(self) -> str:
+        s = self.settings
+        return f"#{self.job_id} seed {s.get('seed')} · {s.get('model_type')} · {s.get('resolution')}"
+
+
+@dataclass
+class Event:
+    """A line for the page's status area: what happened to which job."""
+
+    version: int
+    text: str
+    level: str = "info"  # info, success, error
+
+
+@dataclass
+class Snapshot:
+    """What the page shows; copied under the lock so the page never sees a half-updated job."""
+
+    current: Job | None
+    pending: list[Job]
+    finished: list[Job]
+    results: list[GalleryItem]
+    event: Event | None
+    preview: Image.Image | None
+    preview_version: int
+
+
+ErrorFormatter = Callable[[Task, BaseException], str]
+
+
+class GenerationWorker:
+    """FIFO of jobs run by one daemon thread; `abort()` stops the current job within one step."""
+
+    def __init__(self, session: Session, format_error: ErrorFormatter | None = None, output_dir: Path | None = None):
+        self.session = session
+        self.output_dir = output_dir
+        self.format_error = format_error or (lambda task, exc: f"{type(exc).__name__}: {exc}")
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._pending: deque[Job] = deque()
+        self._finished: list[Job] = []
+        self._results: list[GalleryItem] = []
+        self._current: Job | None = None
+        self._cancel = threading.Event()
+        self._ids = itertools.count(1)
+        self._event: Event | None = None
+        self._event_versions = itertools.count(1)
+        self._preview: Image.Image | None = None
+        self._preview_version = 0
+        self._thread = threading.Thread(target=self._loop, name="wgp-generation", daemon=True)
+        self._thread.start()
+
+    # -- called by the page ---------------------------------------------------------------------
+
+    def submit(self, task: Task) -> Job:
+        """Queue a validated task; returns its job (its id is shown in the page)."""
+        with self._wake:
+            job = Job(next(self._ids), task)
+            self._pending.append(job)
+            self._wake.notify()
+        return job
+
+    def abort(self) -> str:
+        """Stop the running job at its next step (queued jobs stay queued)."""
+        with self._lock:
+            if self._current is None:
+                return "nothing is running"
+            self._cancel.set()
+            return f"aborting job #{self._current.id}…"
+
+    def clear(self) -> int:
+        """Drop the jobs that have not started; returns how many."""
+        with self._lock:
+            count = len(self._pending)
+            for job in self._pending:
+                job.state, job.message = ABORTED, "removed from the queue"
+                self._finished.append(job)
+            self._pending.clear()
+            return count
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            return Snapshot(
+                current=_copy_job(self._current) if self._current else None,
+                pending=[_copy_job(j) for j in self._pending],
+                finished=[_copy_job(j) for j in self._finished[-50:]],
+                results=list(self._results),
+                event=self._event,
+                preview=self._preview,
+                preview_version=self._preview_version,
+            )
+
+    def idle(self) -> bool:
+        with self._lock:
+            return self._current is None and not self._pending
+
+    # -- the worker thread ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pending:
+                    self._wake.wait()
+                job = self._pending.popleft()
+                self._current = job
+                self._cancel.clear()
+            try:
+                self._run(job)
+            except GenerationCancelled:
+                self._finish(job, ABORTED, f"job #{job.id} aborted at step {job.step}/{job.total or '?'}", "info")
+            except UserInputError as exc:
+                self._finish(job, FAILED, f"job #{job.id} failed: {exc}", "error")
+            except Exception as exc:  # noqa: BLE001 - out of memory, a bug: this job fails, the worker goes on
+                log.warning("job #%s failed", job.id, exc_info=True)
+                self._finish(job, FAILED, f"job #{job.id} failed: {self.format_error(job.task, exc)}", "error")
+
+    def _run(self, job: Job) -> None:
+        """Files (downloads), model (loaded once), denoise with progress and preview, save."""
+        session, task = self.session, job.task
+        self._set(job, FILES, f"job #{job.id}: checking model files (downloading what is missing)…")
+        files = session.files_for(task)
+        self._check_cancel()
+        self._set(job, LOADING, f"job #{job.id}: loading {task.preset.name}…")
+        _, load_s = session.model_for(task, files)
+        self._check_cancel()
+        loaded = f"model loaded in {load_s:.1f} s; " if load_s is not None else ""
+        self._set(job, RUNNING, f"job #{job.id}: {loaded}generating…")
+        result = session.run(task, on_step=self._step_callback(job))
+        self._set(job, SAVING, f"job #{job.id}: saving…")
+        paths = session.save(result, self.output_dir)
+        job.lora_reports = [r.summary() for r in getattr(_loaded_model(session), "lora_reports", None) or []]
+        with self._lock:
+            job.paths, job.settings = list(paths), dict(result.settings)
+            self._results.extend(GalleryItem(p, dict(result.settings), job.id) for p in paths)
+        took = result.info.get("timings", {}).get("denoise_s")
+        timing = f" in {took:.1f} s" if took is not None else ""
+        self._finish(
+            job, DONE, f"job #{job.id} done{timing}: {len(paths)} image(s), seed {result.settings['seed']}", "success"
+        )
+
+    def _step_callback(self, job: Job) -> Callable[[Any], None]:
+        """Progress + preview every few steps; raises GenerationCancelled when Abort was pressed."""
+        settings = job.task.settings
+        total = int(settings.get("num_inference_steps", 0)) or None
+        shift = settings.get("flow_shift")
+        sigmas = get_sigmas(total, float(shift)).tolist() if total and shift else None
+        previewer = LatentPreviewer(sigmas)
+
+        def on_step(event: Any) -> None:
+            with self._lock:
+                job.step, job.total, job.elapsed_s = event.step, event.total, event.elapsed_s
+            latents = getattr(event, "latents", None)
+            if latents is not None:
+                if event.step % preview_interval(event.total) == 0 or event.step == event.total:
+                    self._set_preview(previewer.image(event.step, latents))
+                previewer.observe(event.step, latents)
+            self._check_cancel()
+
+        return on_step
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise GenerationCancelled("aborted by the user")
+
+    def _set(self, job: Job, state: str, text: str) -> None:
+        with self._lock:
+            job.state = state
+            self._event = Event(next(self._event_versions), text)
+
+    def _set_preview(self, image: Image.Image | None) -> None:
+        if image is None:
+            return
+        with self._lock:
+            self._preview, self._preview_version = image, self._preview_version + 1
+
+    def _finish(self, job: Job, state: str, text: str, level: str) -> None:
+        with self._lock:
+            job.state, job.message = state, text
+            self._finished.append(job)
+            self._current = None
+            self._cancel.clear()
+            self._event = Event(next(self._event_versions), text, level)
+
+
+def _copy_job(job: Job) -> Job:
+    return Job(
+        job.id,
+        job.task,
+        job.state,
+        job.message,
+        job.step,
+        job.total,
+        job.elapsed_s,
+        list(job.paths),
+        dict(job.settings),
+        list(job.lora_reports),
+    )
+
+
+def _loaded_model(session: Session) -> Any:
+    """The session's loaded model (for its LoRA reports); None when nothing is loaded."""
+    loaded = getattr(session, "_loaded", None)  # Session has no public accessor yet
+    return getattr(loaded, "model", None)
+
+
+def wait_until_idle(worker: GenerationWorker, timeout_s: float) -> bool:
+    """For tests and scripts: wait until the queue is empty and nothing runs."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if worker.idle():
+            return True
+        time.sleep(0.05)
+    return worker.idle()
