@@ -194,3 +194,24 @@ def test_runtime_hooks_follow_the_model_to_cuda() -> None:
         out = model(latents.cuda(), t.cuda(), [c.cuda() for c in caps]).cpu()
     assert (out - reference).abs().max().item() < 1e-3
     runtime.detach()
+
+
+def test_mmgp_adapter_state_dict_keeps_every_delta() -> None:
+    """The key set handed to mmgp's own LoRA API (offload on CUDA): scale folded in, no alpha keys."""
+    from host.lora_apply import mmgp_state_dict
+
+    model = tiny_model()
+    lora, normalized = _normalized(model, 2, "musubi")
+    sd = mmgp_state_dict(normalized)
+    assert not [k for k in sd if k.endswith(".alpha")]
+    for name in lora.down:
+        rebuilt = sd[f"{name}.lora_B.weight"] @ sd[f"{name}.lora_A.weight"]
+        assert torch.allclose(rebuilt, lora.delta(name), atol=1e-6)
+    lokr = normalize_lora({"lycoris_layers_0_attention_to_q.lokr_w1": torch.randn(2, 8),
+                           "lycoris_layers_0_attention_to_q.lokr_w2_a": torch.randn(32, 2),
+                           "lycoris_layers_0_attention_to_q.lokr_w2_b": torch.randn(2, 8),
+                           "lycoris_layers_0_attention_to_q.alpha": torch.tensor(1.0)})
+    sd = mmgp_state_dict(lokr)
+    want = lokr.deltas["layers.0.attention.to_q"].weight()
+    key = "layers.0.attention.to_q"
+    assert torch.allclose(torch.kron(sd[f"{key}.lokr_w1"], sd[f"{key}.lokr_w2"]), want)
