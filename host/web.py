@@ -88,9 +88,9 @@ def build_app(session: Session, settings_dir: Path | None = DEFAULT_SETTINGS_DIR
                 _model_panel(gr, c, app)
                 _prompt_panel(gr, c)
                 _size_panel(gr, c, app)
+                _buttons(gr, c)
                 _advanced_panel(gr, c)
                 _lora_panel(gr, c)
-                _buttons(gr, c)
             with gr.Column(scale=6):
                 _results_panel(gr, c)
         c["page"] = gr.State({})
@@ -180,7 +180,7 @@ def _advanced_panel(gr: Any, c: dict[str, Any]) -> None:
 
 
 def _lora_panel(gr: Any, c: dict[str, Any]) -> None:
-    with gr.Accordion("LoRAs", open=False):
+    with gr.Accordion("LoRAs", open=True):
         with gr.Row():
             c["loras"] = gr.Dropdown(
                 [], multiselect=True, label="LoRAs (family folder)", elem_id="loras", allow_custom_value=True, scale=4
@@ -212,14 +212,21 @@ def _results_panel(gr: Any, c: dict[str, Any]) -> None:
     c["progress"] = gr.HTML("", elem_id="progress")
     with gr.Row():
         c["preview"] = gr.Image(
-            label="Live preview (latents)", elem_id="preview", type="pil", interactive=False, height=256
+            label="Live preview (latents)", elem_id="preview", type="pil", interactive=False, height=300, scale=2
         )
-        c["queue"] = gr.HTML("", elem_id="queue")
-    c["gallery"] = gr.Gallery(
-        label="Images since this page opened", elem_id="gallery", columns=4, height=360, interactive=False
-    )
+        c["gallery"] = gr.Gallery(
+            label="Images since this page opened (click one for its settings)",
+            elem_id="gallery",
+            columns=3,
+            height=300,
+            interactive=False,
+            preview=False,
+            object_fit="contain",
+            scale=3,
+        )
+    c["queue"] = gr.HTML("", elem_id="queue")
     c["image_settings"] = gr.Code(
-        label="Settings of the selected image", language="json", elem_id="image_settings", lines=6
+        label="Settings of the selected image", language="json", elem_id="image_settings", lines=4, max_lines=12
     )
     with gr.Row():
         c["use_settings"] = gr.Button("Use these settings", elem_id="use_settings", scale=1)

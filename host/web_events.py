@@ -147,9 +147,8 @@ class WebApp:
         c["use_settings"].click(
             self.on_use_settings, [c["selected"], c["model"]], self.apply_outputs, show_progress="hidden"
         )
-        c["settings_drop"].upload(
-            self.on_drop, [c["settings_drop"], c["model"]], self.apply_outputs, show_progress="hidden"
-        )
+        drop_outputs = [*self.apply_outputs, c["settings_drop"]]  # the drop area is emptied for the next image
+        c["settings_drop"].upload(self.on_drop, [c["settings_drop"], c["model"]], drop_outputs, show_progress="hidden")
 
     def _wire_loras(self, c: dict[str, Any]) -> None:
         report_inputs = [c["model"], c["loras"], c["loras_multipliers"]]
@@ -205,6 +204,9 @@ class WebApp:
             files = lora_files(self.session, catalog[model_type])
             lora_update = {"choices": files} | ({"value": values["loras"]} if "loras" in values else {})
             updates[c["loras"]] = gr.update(**lora_update)
+        if "guidance" in values:  # the negative prompt's note follows the guidance it arrives with
+            negative = {"value": values["negative_prompt"]} if "negative_prompt" in values else {}
+            updates[c["negative_prompt"]] = self.on_guidance(values["guidance"]) | negative
         if "width" in values:
             updates[c["resolution"]] = resolution_value(values["width"], values["height"], self._resolutions())
         if note.strip():
@@ -271,6 +273,7 @@ class WebApp:
             preset = self.session.catalog.get(form["model"])
             result = settings_from_form(form, accepted_keys(self.session, preset))
             task = self.session.prepare({**result.settings, "model_type": preset.model_type}, "web UI")
+            check_multipliers(task.settings)
         except UserInputError as exc:
             return {c["status"]: status_html(f"Not queued: {exc}", "error")}
         ahead = len(self.worker.snapshot().pending) + (0 if self.worker.idle() else 1)
@@ -316,7 +319,8 @@ class WebApp:
     def on_tick(self, page: dict[str, Any] | None) -> dict[Any, Any]:
         """Poll the worker: progress, preview, new gallery images and the latest event, only what changed."""
         c, snap, page = self.c, self.worker.snapshot(), dict(page or {})
-        page.setdefault("start", len(snap.results))  # the gallery shows what was made since the page opened
+        if "start" not in page:  # the gallery and the status show what happened since the page opened
+            page["start"], page["event_v"] = len(snap.results), snap.event.version if snap.event else None
         updates: dict[Any, Any] = {}
         downloading = (
             download_bytes(self.session.folders.primary)
@@ -361,7 +365,7 @@ class WebApp:
         path = getattr(file, "name", file)
         if not path:
             return {}
-        return self._apply_image(Path(str(path)), model_type)
+        return self._apply_image(Path(str(path)), model_type) | {self.c["settings_drop"]: None}
 
     def _apply_image(self, path: Path, model_type: str | None) -> dict[Any, Any]:
         try:
@@ -415,3 +419,12 @@ class WebApp:
         except (UserInputError, OSError) as exc:
             return gr.update(), status_html(f"LoRA set not saved: {exc}", "error")
         return gr.update(choices=list_lsets(folder), value=path.name), status_html(f"LoRA set saved: {path}", "success")
+
+
+def check_multipliers(settings: dict[str, Any]) -> None:
+    """LoRA multipliers are checked when queued (a typo is a message now, not a failed job later)."""
+    loras = settings.get("activated_loras") or []
+    if loras:
+        from host.lora import parse_multipliers
+
+        parse_multipliers(settings.get("loras_multipliers", ""), len(loras))

@@ -216,7 +216,7 @@ class GenerationWorker:
             job.paths, job.settings = list(paths), dict(result.settings)
             self._results.extend(GalleryItem(p, dict(result.settings), job.id) for p in paths)
         took = result.info.get("timings", {}).get("denoise_s")
-        timing = f" in {took:.1f} s" if took is not None else ""
+        timing = f" in {took:.2f} s" if took is not None else ""
         self._finish(
             job, DONE, f"job #{job.id} done{timing}: {len(paths)} image(s), seed {result.settings['seed']}", "success"
         )

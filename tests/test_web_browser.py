@@ -1,0 +1,338 @@
+"""The web UI in a real browser: `python wgp.py` launched on a free localhost port with the self-test model
+(tiny random weights written under a temporary checkpoint folder), driven by Playwright in Debian's Chromium.
+
+Skipped, with the reason, only when Chromium is not installed (`make test` installs it as root).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image, PngImagePlugin
+
+from host.registry import REPO_ROOT
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None:
+    pytest.skip(
+        "chromium is not installed (apt-get install chromium; `make test` does it as root)", allow_module_level=True
+    )
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+expect = sync_api.expect
+
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--disable-background-networking",
+    "--disable-gpu",
+    "--disable-component-update",
+    "--no-first-run",
+]
+STABLE_IDS = (
+    "model prompt negative_prompt resolution width height steps guidance seed batch_size loras loras_multipliers "
+    "generate abort progress preview gallery status"
+).split()
+SCREENSHOT = REPO_ROOT / "docs" / "screenshot.png"
+START_TIMEOUT_S = 90
+RUN_TIMEOUT_MS = 60_000
+
+
+@dataclass
+class Server:
+    url: str
+    ckpts: Path
+    outputs: Path
+    loras: Path
+    log: Path
+    process: subprocess.Popen
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the web UI exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"the web UI did not start in {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+
+
+def _write_tiny_lora(folder: Path) -> None:
+    """A rank-4 LoRA (ai-toolkit keys) for the self-test transformer, in the family's LoRA folder."""
+    from lora_fixtures import DIALECTS, random_lora, tiny_model
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(DIALECTS["ai-toolkit"](random_lora(tiny_model())), str(folder / "tiny_style.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`python wgp.py` as a user starts it, pointed at temporary folders, offline, on the CPU."""
+    root = tmp_path_factory.mktemp("web")
+    ckpts, outputs, loras, finetunes = root / "ckpts", root / "outputs", root / "loras", root / "finetunes"
+    finetunes.mkdir()
+    _write_tiny_lora(loras / "z_image")
+    port, log = _free_port(), root / "server.log"
+    args = [sys.executable, "wgp.py", "--server-port", str(port), "--ckpts", str(ckpts), "--output-dir", str(outputs)]
+    args += ["--loras", str(loras), "--finetunes-dir", str(finetunes), "--settings-dir", str(root / "settings")]
+    args += ["--offline", "--device", "cpu"]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1,localhost"}
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(args, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait_for_port(port, process, log)
+        yield Server(f"http://127.0.0.1:{port}/", ckpts, outputs, loras, log, process)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with sync_api.sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
+        yield instance
+        instance.close()
+
+
+@pytest.fixture
+def page(browser: object, server: Server) -> Iterator[object]:
+    """A fresh page (a fresh gallery: it shows the images made since the page opened)."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    tab = context.new_page()
+    tab.goto(server.url)
+    tab.wait_for_selector("#generate")
+    expect(tab.locator("#prompt textarea")).not_to_have_value("")  # the preset's defaults are in
+    yield tab
+    context.close()
+
+
+def choose(page: object, elem_id: str, label_part: str) -> None:
+    """Pick a dropdown option by (part of) its label, as a user does."""
+    page.click(f"#{elem_id} input")
+    page.click(f"#{elem_id} li[role=option][aria-label*='{label_part}']")
+
+
+def use_selftest(page: object) -> None:
+    choose(page, "model", "self-test")
+    expect(page.locator("#width input")).to_have_value("64")
+    expect(page.locator("#model_info")).to_contain_text("Self-test model")
+
+
+def set_field(page: object, elem_id: str, value: str) -> None:
+    selector = f"#{elem_id} :is(textarea, input)"
+    page.fill(selector, value)
+    page.press(selector, "Tab")
+
+
+def gallery_count(page: object) -> int:
+    return page.locator("#gallery img").count()
+
+
+def wait_status(page: object, text: str, timeout_ms: int = RUN_TIMEOUT_MS) -> str:
+    expect(page.locator("#status")).to_contain_text(text, timeout=timeout_ms)
+    return page.inner_text("#status")
+
+
+def saved(server: Server, seed: int) -> list[Path]:
+    return sorted(server.outputs.glob(f"*_seed{seed}_*.png"))
+
+
+# -- the tests (module order: the first one checks that nothing has loaded yet) --------------------
+
+
+def test_page_is_up_before_any_model_loads_with_stable_ids(page: object, server: Server) -> None:
+    for elem_id in STABLE_IDS:
+        assert page.locator(f"#{elem_id}").count() == 1, f"#{elem_id} is missing"
+    assert not (server.ckpts / "z_image_selftest").exists(), "nothing may load before the first generation"
+    assert "idle" in page.inner_text("#progress")
+
+
+def test_negative_prompt_is_marked_inactive_on_turbo(page: object) -> None:
+    choose(page, "model", "Base")
+    expect(page.locator("#steps input")).to_have_value("30")
+    choose(page, "model", "Turbo")
+    expect(page.locator("#steps input")).to_have_value("8")  # Turbo's defaults have arrived
+    negative = page.locator("#negative_prompt")
+    expect(negative).to_contain_text("no effect")
+    expect(negative).to_have_class(_contains("wgp-inactive"))
+    set_field(page, "guidance", "3")  # guidance on: now the negative prompt acts
+    expect(negative).to_contain_text("active")
+    expect(negative).not_to_have_class(_contains("wgp-inactive"))
+    choose(page, "model", "Base")
+    expect(page.locator("#guidance input")).to_have_value("4")
+    expect(negative).not_to_have_class(_contains("wgp-inactive"))
+
+
+def test_missing_model_files_are_named_with_where_to_put_them(page: object, server: Server) -> None:
+    choose(page, "model", "Turbo")
+    info = page.locator("#model_info")
+    expect(info).to_contain_text("missing")
+    text = info.text_content()
+    assert "ZImageTurbo_quanto_bf16_int8.safetensors" in text and "huggingface.co/DeepBeepMeep" in text
+    assert f"put it at: {server.ckpts}" in text
+    page.click("#generate")  # generating anyway fails with the same list, in the page, and the app lives on
+    status = wait_status(page, "failed")
+    assert "missing" in status and "put it at" in status
+    assert page.locator("#status .wgp-error").count() == 1
+
+
+def test_generate_shows_the_image_and_the_file_carries_the_settings(page: object, server: Server) -> None:
+    use_selftest(page)
+    set_field(page, "prompt", "a tiny red fox in the snow")
+    expect(page.locator("#token_count")).to_contain_text("/ 128 tokens")
+    set_field(page, "seed", "1234")
+    page.click("#generate")
+    expect(page.locator("#gallery img")).to_have_count(1, timeout=RUN_TIMEOUT_MS)
+    assert "seed 1234" in wait_status(page, "done")
+    [path] = saved(server, 1234)
+    settings = json.loads(Image.open(path).info["wgp_settings"])
+    assert settings["prompt"] == "a tiny red fox in the snow" and settings["seed"] == 1234
+    assert settings["model_type"] == "z_image_selftest" and settings["resolution"] == "64x64"
+    assert settings["generation_info"]["files"]["transformer"]["name"] == "ZImageTurbo_bf16.safetensors"
+    assert "Steps: 4" in Image.open(path).info["parameters"]
+    _screenshot(page)
+    # the tokenizer is on disk now: the count is exact
+    set_field(page, "prompt", "a tiny red fox in the snow.")
+    expect(page.locator("#token_count")).not_to_contain_text("estimate")
+    # the gallery image's settings, then "use these settings"
+    page.locator("#gallery img").first.click()
+    expect(page.locator("#image_settings")).to_contain_text('"seed": 1234')
+    set_field(page, "prompt", "something else")
+    set_field(page, "seed", "-1")
+    page.click("#use_settings")
+    expect(page.locator("#prompt textarea")).to_have_value("a tiny red fox in the snow")
+    expect(page.locator("#seed input")).to_have_value("1234")
+
+
+def test_a_dropped_png_fills_the_form_from_its_settings(page: object, server: Server, tmp_path: Path) -> None:
+    [path] = saved(server, 1234)
+    page.set_input_files("#settings_drop input[type=file]", str(path))
+    expect(page.locator("#prompt textarea")).to_have_value("a tiny red fox in the snow")
+    expect(page.locator("#model input")).to_have_value(_contains("self-test"))
+    expect(page.locator("#seed input")).to_have_value("1234")
+    foreign = tmp_path / "a1111.png"  # only an A1111 "parameters" text, as other tools write it
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text(
+        "parameters",
+        "a lighthouse at dusk\nNegative prompt: fog\nSteps: 7, Sampler: Euler, CFG scale: 2.5, Seed: 77, Size: 96x80",
+    )
+    Image.new("RGB", (8, 8)).save(foreign, pnginfo=meta)
+    page.set_input_files("#settings_drop input[type=file]", str(foreign))
+    expect(page.locator("#prompt textarea")).to_have_value("a lighthouse at dusk")
+    expect(page.locator("#steps input")).to_have_value("7")
+    expect(page.locator("#width input")).to_have_value("96")
+    assert "A1111" in page.inner_text("#status")
+
+
+def test_two_queued_tasks_give_two_images_each_with_its_own_settings(page: object, server: Server) -> None:
+    use_selftest(page)
+    set_field(page, "prompt", "first task")
+    set_field(page, "seed", "11")
+    set_field(page, "steps", "60")  # long enough that the second task waits in the queue
+    page.click("#generate")
+    set_field(page, "prompt", "second task")
+    set_field(page, "seed", "22")
+    set_field(page, "steps", "3")
+    page.click("#generate")
+    expect(page.locator("#gallery img")).to_have_count(2, timeout=RUN_TIMEOUT_MS)
+    [first], [second] = saved(server, 11), saved(server, 22)
+    one, two = (json.loads(Image.open(p).info["wgp_settings"]) for p in (first, second))
+    assert (one["prompt"], one["num_inference_steps"]) == ("first task", 60)
+    assert (two["prompt"], two["num_inference_steps"]) == ("second task", 3)
+    assert first.stat().st_mtime <= second.stat().st_mtime  # one after the other, in order
+
+
+def test_abort_stops_a_long_run_and_the_app_stays_usable(page: object, server: Server) -> None:
+    use_selftest(page)
+    set_field(page, "prompt", "a long run")
+    set_field(page, "steps", "1000")
+    set_field(page, "width", "256")
+    set_field(page, "height", "256")
+    set_field(page, "seed", "33")
+    page.click("#generate")
+    page.wait_for_function(
+        "() => Number(document.querySelector('#progress .wgp-progress')?.dataset.step || 0) >= 2",
+        timeout=RUN_TIMEOUT_MS,
+    )
+    expect(page.locator("#preview img")).to_have_count(1)  # the live preview of the latents
+    page.click("#abort")
+    status = wait_status(page, "aborted", timeout_ms=15_000)
+    step = int(status.split("aborted at step ")[1].split("/")[0])
+    assert step < 1000 and not saved(server, 33)
+    set_field(page, "steps", "2")
+    set_field(page, "width", "64")
+    set_field(page, "height", "64")
+    set_field(page, "seed", "44")
+    page.click("#generate")
+    expect(page.locator("#gallery img")).to_have_count(1, timeout=RUN_TIMEOUT_MS)
+    assert len(saved(server, 44)) == 1
+
+
+def test_a_bad_size_shows_a_message_and_odd_sizes_are_snapped(page: object, server: Server) -> None:
+    use_selftest(page)
+    set_field(page, "width", "5000")
+    page.click("#generate")
+    status = wait_status(page, "Not queued")
+    assert "width must be between 16 and 4096" in status
+    assert page.locator("#status .wgp-error").count() == 1
+    set_field(page, "width", "100")
+    expect(page.locator("#size_note")).to_contain_text("100 -> 96")
+    set_field(page, "seed", "55")
+    page.click("#generate")
+    expect(page.locator("#gallery img")).to_have_count(1, timeout=RUN_TIMEOUT_MS)
+    [path] = saved(server, 55)
+    assert Image.open(path).size == (96, 64)
+
+
+def test_lora_panel_lists_the_family_folder_and_reports_each_lora(page: object, server: Server) -> None:
+    use_selftest(page)
+    choose(page, "loras", "tiny_style")
+    expect(page.locator("#lora_report")).to_contain_text("tiny_style.safetensors", timeout=20_000)
+    expect(page.locator("#lora_report")).to_contain_text("rank 4")
+    set_field(page, "loras_multipliers", "1,0.5")
+    set_field(page, "seed", "66")
+    page.click("#generate")
+    wait_status(page, "seed 66")
+    [path] = saved(server, 66)
+    settings = json.loads(Image.open(path).info["wgp_settings"])
+    assert settings["activated_loras"] == ["tiny_style.safetensors"] and settings["loras_multipliers"] == "1,0.5"
+    set_field(page, "loras_multipliers", "lots")
+    page.click("#generate")
+    assert "not a number" in wait_status(page, "Not queued")
+
+
+def _contains(text: str) -> object:
+    import re
+
+    return re.compile(re.escape(text))
+
+
+def _screenshot(page: object) -> None:
+    """The README's picture of the main page: written when missing (or with WGP_UPDATE_SCREENSHOT=1)."""
+    image = page.screenshot(full_page=True)
+    assert len(image) > 10_000
+    if not SCREENSHOT.exists() or os.environ.get("WGP_UPDATE_SCREENSHOT") == "1":
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        SCREENSHOT.write_bytes(image)
