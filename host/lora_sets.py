@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,6 +62,23 @@ def load_lset(path: Path) -> LoraSet:
     if "loras" not in raw or not all(isinstance(n, str) for n in raw["loras"]):
         raise SettingsError(f"LoRA set {path}: 'loras' must be a list of file names")
     return LoraSet(raw["loras"], raw.get("loras_mult", ""), raw.get("prompt", ""))
+
+
+def resolve_lset(name: str, folders: Sequence[Path]) -> Path:
+    """An .lset name (`portrait` or `portrait.lset`) in the first of `folders` that has it, or an absolute path."""
+    if Path(name).expanduser().is_absolute():
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise SettingsError(f"LoRA set {path} does not exist")
+        return path
+    candidates = [_lset_path(folder, name) for folder in folders]
+    for path in candidates:
+        if path.is_file():
+            return path
+    known = sorted({n for folder in folders for n in list_lsets(folder)})
+    raise SettingsError(
+        f"LoRA set {name!r} not found in {', '.join(str(f) for f in folders)} (known: {', '.join(known) or 'none'})"
+    )
 
 
 def list_lsets(folder: Path) -> list[str]:

@@ -1,7 +1,8 @@
 """A host session: discovery + presets + files + one loaded model, shared by the CLI, API and web UI.
 
-Data flow of one task: raw settings -> `prepare` (merge over the preset, validate) -> `files_for`
-(variant, locate, download) -> `model_for` (load once, cached) -> `run` (generate) -> `save`.
+Data flow of one task: raw settings -> `prepare` (merge over the preset, validate, find the LoRA files)
+-> `files_for` (variant, locate, download) -> `model_for` (load once, cached; LoRAs attached or swapped
+on the loaded weights) -> `run` (generate) -> `save`.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from common.attention import set_attention_backend
-from common.errors import SettingsError
+from common.errors import SettingsError, UserInputError
 from host import PROGRAM_NAME, __version__, lowvram
 from host import settings as host_settings
 from host.device import DeviceChoice, attention_backend, choose_device, peak_memory_gb, reset_peak_memory
 from host.files import DEFAULT_CKPTS, CheckpointFolders, download_file, resolve_files, specs_from_model_def
 from host.hashes import HashCache
+from host.lora import LoraReport, apply_loras, remove_loras
+from host.lora_task import LoraChoice, expand_lset, lora_folders, task_loras
 from host.outputs import output_name, save_image
 from host.presets import DEFAULTS_DIR, FINETUNES_DIR, Preset, PresetCatalog, load_presets
 from host.registry import DEFAULT_MODELS_ROOT, REPO_ROOT, FamilyHandler, LoadedModel, Registry, discover
@@ -54,6 +57,7 @@ class Task:
     preset: Preset
     settings: dict[str, Any]
     where: str
+    loras: LoraChoice = field(default_factory=LoraChoice)  # the preset's, then the task's; files resolved
 
 
 @dataclass
@@ -68,12 +72,14 @@ class TaskResult:
     peak_gb: float
     peak_what: str
     paths: list[Path] = field(default_factory=list)
+    lora_reports: list[dict[str, Any]] = field(default_factory=list)  # LoraReport.to_dict() of each LoRA applied
 
 
 @dataclass
 class _Loaded:
-    key: tuple[Any, ...]
+    key: tuple[Any, ...]  # what the weights depend on (not the LoRAs: they are swapped on the same weights)
     model: LoadedModel
+    loras: LoraChoice | None = field(default_factory=LoraChoice)  # attached now; None = unknown after a failure
 
 
 class Session:
@@ -123,22 +129,24 @@ class Session:
         family = host_settings.family_defaults(handler, arch, preset.model_def)
         merged = {**host_settings.host_defaults(), **family, **preset.settings, **raw}
         valid = host_settings.validate(handler, arch, preset.model_def, merged, where)
-        self.lora_paths(preset, valid, where)  # a missing LoRA fails the task before anything loads
+        try:  # a missing or refused LoRA fails the task before anything loads
+            valid = expand_lset(valid, self.lora_folders(preset))
+            loras = self.lora_choice(preset, valid)
+        except UserInputError as err:
+            raise type(err)(f"{where}: {err}") from None
+        if loras and not hasattr(handler, "normalize_lora"):
+            raise SettingsError(f"{where}: the {arch} family cannot apply LoRAs (its handler has no normalize_lora)")
         ordered = {"model_type": model_type, **{k: valid[k] for k in family if k in valid}}
         ordered.update({k: v for k, v in valid.items() if k not in ordered})
-        return Task(model_type, preset, ordered, where)
+        return Task(model_type, preset, ordered, where, loras)
 
-    def lora_paths(self, preset: Preset, settings: Mapping[str, Any], where: str) -> list[Path]:
-        """Resolve `activated_loras` (plus the preset's `loras`) in the family's LoRA folder."""
-        names = [*preset.model_def.get("loras", []), *settings.get("activated_loras", [])]
-        if not names:
-            return []
-        folder = self.handler(preset).get_lora_dir(preset.architecture, self.config.lora_args)
-        paths = [Path(n).expanduser() if Path(n).expanduser().is_absolute() else folder / n for n in names]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise SettingsError(f"{where}: LoRA file(s) not found: {', '.join(missing)} (LoRA folder: {folder})")
-        return paths
+    def lora_folders(self, preset: Preset) -> list[Path]:
+        """Where this preset's LoRA names resolve: the family's folder, then the root `loras/`."""
+        return lora_folders(self.handler(preset), preset.architecture, self.config.lora_args)
+
+    def lora_choice(self, preset: Preset, settings: Mapping[str, Any]) -> LoraChoice:
+        """The preset's `loras`, then the task's `activated_loras`, resolved, each with its own multipliers."""
+        return task_loras(preset.model_def, settings, self.lora_folders(preset), preset.model_type)
 
     # -- 2. files -------------------------------------------------------------------------------
 
@@ -163,30 +171,57 @@ class Session:
     # -- 3. model -------------------------------------------------------------------------------
 
     def model_for(self, task: Task, files: Mapping[str, Path]) -> tuple[LoadedModel, float | None]:
-        """The loaded model for this task (cached: same preset, files and options reuse it)."""
+        """The loaded model for this task, with the task's LoRAs attached.
+
+        Weights are cached (same preset, files and options reuse them); a task with other LoRAs or
+        multipliers swaps them on the loaded weights. Returns the model and the seconds spent loading
+        weights and LoRAs (None when nothing had to be done).
+        """
+        load_s = self._load_weights(task, files)
+        lora_s = self._attach_loras(task)
+        return self._loaded.model, None if load_s is None and lora_s is None else (load_s or 0.0) + (lora_s or 0.0)
+
+    def _load_weights(self, task: Task, files: Mapping[str, Path]) -> float | None:
+        """Load the model unless the cached one fits; returns the seconds it took (None: cached)."""
         s = task.settings
-        loras = tuple(str(p) for p in self.lora_paths(task.preset, s, task.where))
         key = (
             task.model_type,
             tuple(sorted((k, str(v)) for k, v in files.items())),
             s["quantization"],
             str(s["profile"]),
-            loras,
-            str(s.get("loras_multipliers")),
             self.device.device,
         )
         if self._loaded is not None and self._loaded.key == key:
-            return self._loaded.model, None
+            return None
         self.release()
         start = time.perf_counter()
         options = {"device": self.device.device, "dtype": self.device.dtype, "quantization": s["quantization"], "profile": s["profile"]}
         options = lowvram.load_options(options)  # load on the CPU under mmgp, on-demand text encoder, int8 reader
         model = self.handler(task.preset).load_model(task.preset.architecture, task.preset.model_def, files, options)
         model = lowvram.apply_lowvram(model, options, files)  # int8 on the fly, prompt cache, VAE tiling, guards, offload
-        if loras:
-            model = apply_loras(model, [Path(p) for p in loras], s.get("loras_multipliers", ""))
         self._loaded = _Loaded(key, model)
-        return model, time.perf_counter() - start
+        return time.perf_counter() - start
+
+    def _attach_loras(self, task: Task) -> float | None:
+        """Make the loaded model carry exactly the task's LoRAs (apply_loras detaches the previous ones)."""
+        loaded = self._loaded
+        assert loaded is not None, "weights are loaded first"
+        if loaded.loras == task.loras:
+            return None
+        start = time.perf_counter()
+        loaded.loras = None  # unknown until done: after a failure the next task attaches (or removes) again
+        if task.loras:
+            paths, multipliers = list(task.loras.paths), list(task.loras.multipliers)
+            apply_loras(loaded.model, paths, multipliers, normalizer=self.handler(task.preset))
+        else:
+            remove_loras(loaded.model)
+        loaded.loras = task.loras
+        return time.perf_counter() - start
+
+    def lora_reports(self) -> list[LoraReport]:
+        """Load reports of the LoRAs on the loaded model (empty when it has none or nothing is loaded)."""
+        model = self._loaded.model if self._loaded is not None else None
+        return list(getattr(model, "lora_reports", None) or [])
 
     def release(self) -> None:
         """Free the loaded model's memory (the next task loads again)."""
@@ -196,32 +231,52 @@ class Session:
 
     # -- 4. generate and save -------------------------------------------------------------------
 
-    def run(self, task: Task, on_step: Callable[[Any], None] | None = None) -> TaskResult:
-        """Generate the images of one task; the used seed is in `result.settings`."""
+    def run(
+        self,
+        task: Task,
+        on_step: Callable[[Any], None] | None = None,
+        on_loaded: Callable[[list[LoraReport]], None] | None = None,
+    ) -> TaskResult:
+        """Generate the images of one task; the used seed is in `result.settings`.
+
+        `on_loaded` is called once the model is ready, before generating, with the LoRA load reports.
+        """
         settings = host_settings.resolve_seed(task.settings)
         files = self.files_for(task)
         model, load_s = self.model_for(task, files)
+        reports = self.lora_reports()
+        if on_loaded is not None:
+            on_loaded(reports)
         backend = attention_backend(settings["attention"], task.preset.model_def.get("attention"), self.device.capability)
         backend = set_attention_backend(backend)  # the one actually used (a missing backend falls back to sdpa)
         reset_peak_memory(self.device.device)
         family_part = {k: v for k, v in settings.items() if k not in host_settings.HOST_ONLY}
         output = model.generate(family_part, on_step)
         peak_gb, peak_what = peak_memory_gb(self.device.device)
-        info = self.provenance(task, settings, files, backend, output)
-        return TaskResult(task, list(output.images), settings, info, load_s, peak_gb, peak_what)
+        info = self.provenance(task, settings, files, backend, output, reports)
+        result = TaskResult(task, list(output.images), settings, info, load_s, peak_gb, peak_what)
+        result.lora_reports = [r.to_dict() for r in reports]
+        return result
 
-    def provenance(self, task: Task, settings: Mapping[str, Any], files: Mapping[str, Path], backend: str, output: Any) -> dict[str, Any]:
+    def provenance(
+        self,
+        task: Task,
+        settings: Mapping[str, Any],
+        files: Mapping[str, Path],
+        backend: str,
+        output: Any,
+        reports: list[LoraReport] | None = None,
+    ) -> dict[str, Any]:
         """What is needed to reproduce an image: program, files with hashes, LoRAs, precision."""
         hashes = {role: {"name": path.name, "sha256": self.hashes.sha256(path)} for role, path in files.items()}
-        loras = self.lora_paths(task.preset, settings, task.where)
-        multipliers = multiplier_list(settings.get("loras_multipliers", ""))
         return {
             "program": f"{PROGRAM_NAME} {__version__}",
             "model_name": task.preset.name,
             "architecture": task.preset.architecture,
             "files": hashes,
             "model_hash": hashes.get("transformer", {}).get("sha256", ""),
-            "loras": {p.name: (multipliers[i] if i < len(multipliers) else "1.0") for i, p in enumerate(loras)},
+            "loras": dict(zip(task.loras.names, task.loras.multipliers, strict=True)),
+            "lora_reports": self._lora_provenance(task.loras, reports or []),
             "quantization": settings["quantization"],
             "attention": backend,
             "device": self.device.label,
@@ -229,6 +284,22 @@ class Session:
             "truncated": getattr(output, "truncated", None),
             "timings": {k: round(v, 4) for k, v in getattr(output, "timings", {}).items()},
         }
+
+    def _lora_provenance(self, loras: LoraChoice, reports: list[LoraReport]) -> list[dict[str, Any]]:
+        """Per LoRA: name as written, file hash, multiplier, and what loaded (a compact load report)."""
+        out = []
+        for name, path, multiplier, report in zip(loras.names, loras.paths, loras.multipliers, reports, strict=True):
+            out.append({
+                "name": name,
+                "sha256": self.hashes.sha256(path),
+                "multiplier": multiplier,
+                "dialect": report.dialect,
+                "modules_matched": report.modules_matched,
+                "rank": report.rank,
+                "alpha": report.alpha,
+                "not_applied": len(report.not_applied),
+            })
+        return out
 
     def save(self, result: TaskResult, output_dir: Path | None = None, output_file: Path | None = None) -> list[Path]:
         """Save every image of a result (atomic, never overwriting); returns the paths."""
@@ -244,19 +315,3 @@ class Session:
             result.paths.append(save_image(image, folder, name, settings, info, fmt))
         return result.paths
 
-
-def multiplier_list(value: str | list[Any]) -> list[str]:
-    """Wan2GP's `loras_multipliers`: "1.0 0.5" (one per LoRA, space separated) or a JSON list."""
-    return value.split() if isinstance(value, str) else [str(v) for v in value]
-
-
-def apply_loras(model: LoadedModel, paths: list[Path], multipliers: str | list[Any]) -> LoadedModel:
-    """Seam for host/lora.py (the LoRA work): applies LoRA files to a built model."""
-    try:
-        from host import lora
-    except ImportError:
-        lora = None
-    apply = getattr(lora, "apply_loras", None)
-    if apply is None:
-        raise SettingsError("LoRA support is not available in this build yet (host/lora.py has no apply_loras)")
-    return apply(model, paths, multipliers)

@@ -37,8 +37,9 @@ HOST_KEYS: dict[str, HostKey] = {
     "quantization": HostKey((str,), "int8", "weights variant: int8 where one exists, else bf16"),
     "attention": HostKey((str,), "auto", "attention backend: auto (preset rules) or a backend name, e.g. sdpa"),
     "profile": HostKey((int, str), "auto", "memory profile (offload), auto or a number"),
-    "activated_loras": HostKey((list,), [], "LoRA file names in the family's LoRA folder (or paths)"),
-    "loras_multipliers": HostKey((str, list), "", "one multiplier per LoRA, space separated or a list"),
+    "activated_loras": HostKey((list,), [], "LoRA file names in the LoRA folders (or absolute paths), after the preset's"),
+    "loras_multipliers": HostKey((str, list), "", "one multiplier per activated LoRA (a,b,c = per-step schedule)"),
+    "lset": HostKey((str,), None, "an .lset file in the LoRA folder: its LoRAs come before activated_loras"),
     "generation_info": HostKey((dict,), None, "written into saved images (files, hashes, version); ignored on input"),
 }
 HOST_ONLY = frozenset(HOST_KEYS)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import SettingsError
+from common.errors import CheckpointError, SettingsError, UserInputError
 from host.presets import PresetError
 from host.session import Session
 from host.tasks import prepare_tasks, read_task_file
@@ -40,7 +40,8 @@ def test_task_is_merged_over_family_and_preset_defaults(session: Session) -> Non
         ({"model_type": "toy", "output_format": "gif"}, "'output_format' must be png, jpeg or webp"),
         ({"model_type": "toy", "quantization": 8}, "'quantization' must be str"),
         ({"model_type": "toy", "activated_loras": "a.safetensors"}, "'activated_loras' must be list"),
-        ({"model_type": "toy", "activated_loras": ["nope.safetensors"]}, "LoRA file\\(s\\) not found: .*nope.safetensors"),
+        ({"model_type": "toy", "loras_multipliers": "0.5"}, "loras_multipliers has 1 values for 0 LoRA"),
+        ({"model_type": "toy", "lset": "nope"}, "LoRA set 'nope' not found in"),
         ({"prompt": "no model"}, "'model_type' is required \\(one of: toy\\)"),
         (["not", "a", "dict"], "a task is a JSON object"),
     ],
@@ -49,6 +50,20 @@ def test_bad_tasks_say_what_and_where(session: Session, task: object, expected: 
     with pytest.raises(SettingsError, match=expected) as info:
         session.prepare(task, "tasks.json[3]")  # type: ignore[arg-type]
     assert str(info.value).startswith("tasks.json[3]")
+
+
+@pytest.mark.parametrize(
+    ("loras", "expected"),
+    [
+        (["nope.safetensors"], "activated_loras: LoRA 'nope.safetensors' not found in"),
+        (["old.ckpt"], "activated_loras: old.ckpt: .ckpt is a pickle format, and loading a pickle can run arbitrary code"),
+        (["https://example.com/x.safetensors"], "is a URL, and LoRAs are not downloaded"),
+    ],
+)
+def test_bad_lora_files_fail_the_task_before_loading(session: Session, loras: list[str], expected: str) -> None:
+    with pytest.raises(UserInputError, match=expected) as info:
+        session.prepare({"model_type": "toy", "activated_loras": loras}, "tasks.json[3]")
+    assert str(info.value).startswith("tasks.json[3]: ")
 
 
 def test_unknown_model_type_is_an_error_with_a_suggestion(session: Session) -> None:
@@ -114,14 +129,23 @@ def test_saved_json_round_trip_of_settings(session: Session, tmp_path: Path) -> 
 
 
 def test_loras_are_found_in_the_family_lora_folder(tmp_path: Path) -> None:
+    """Family folder first, then the root `loras/`; `../` cannot climb out; an absolute path is the user's choice."""
     import argparse
 
     config = toy_env(tmp_path)
-    (tmp_path / "loras").mkdir()
-    (tmp_path / "loras" / "style.safetensors").write_bytes(b"lora")
-    config.lora_args = argparse.Namespace(lora_dir_toy=tmp_path / "loras")
+    family, root = tmp_path / "loras" / "toy", tmp_path / "loras"
+    for path in (family / "style.safetensors", root / "shared.safetensors", tmp_path / "elsewhere.safetensors"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"lora")
+    config.lora_args = argparse.Namespace(lora_dir_toy=family, loras=root)
     session = Session(config)
-    task = session.prepare({"model_type": "toy", "activated_loras": ["style.safetensors"], "loras_multipliers": "0.7"})
-    assert session.lora_paths(task.preset, task.settings, task.where) == [tmp_path / "loras" / "style.safetensors"]
-    with pytest.raises(SettingsError, match=f"not found: {tmp_path / 'loras' / 'other.safetensors'}"):
-        session.prepare({"model_type": "toy", "activated_loras": ["other.safetensors"]})
+    preset = session.catalog.get("toy")
+    names = ["style.safetensors", "shared.safetensors", str(tmp_path / "elsewhere.safetensors")]
+    choice = session.lora_choice(preset, {"activated_loras": names, "loras_multipliers": "0.7 1,0.5"})
+    expected = ((family / "style.safetensors").resolve(), (root / "shared.safetensors").resolve(), tmp_path / "elsewhere.safetensors")
+    assert choice.paths == expected
+    assert choice.multipliers == ("0.7", "1.0,0.5", "1.0")
+    with pytest.raises(CheckpointError, match="tasks.json\\[0\\]: activated_loras: LoRA name '../../elsewhere.safetensors' points outside"):
+        session.prepare({"model_type": "toy", "activated_loras": ["../../elsewhere.safetensors"]}, "tasks.json[0]")
+    with pytest.raises(SettingsError, match="task: the toy family cannot apply LoRAs"):  # found, but the family has no normaliser
+        session.prepare({"model_type": "toy", "activated_loras": ["style.safetensors"]})
