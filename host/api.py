@@ -47,6 +47,13 @@ class Model:
             self.session.save(self.last_result, Path(output_dir))
         return self.last_result.images
 
+    @property
+    def lora_reports(self) -> list[dict[str, Any]]:
+        """Load reports (`LoraReport.to_dict()`) of the LoRAs applied: the last `generate`'s, else the loaded model's."""
+        if self.last_result is not None:
+            return list(self.last_result.lora_reports)
+        return [r.to_dict() for r in self.session.lora_reports()]
+
     def release(self) -> None:
         """Free the model's memory (the next `generate` loads it again)."""
         self.session.release()

@@ -15,6 +15,7 @@ from typing import Any
 
 from common.errors import GenerationCancelled, UserInputError
 from host import PROGRAM_NAME, __version__, lora_cli, lowvram_cli
+from host.lora import LoraReport
 from host.outputs import EXTENSIONS
 from host.progress import ProgressBar, timing_line
 from host.session import HostConfig, Session
@@ -216,7 +217,7 @@ def _run_one(session: Session, item: PreparedTask, label: str, output_dir: Path 
     print(f"{label} {task.model_type}: {str(task.settings.get('prompt', ''))[:70]!r}")
     bar = ProgressBar(f"{label} {task.model_type}")
     try:
-        result = session.run(task, on_step=bar)
+        result = session.run(task, on_step=bar, on_loaded=_print_lora_reports)
         paths = session.save(result, output_dir, output_file)
     except (UserInputError, GenerationCancelled) as exc:
         bar.close()
@@ -235,6 +236,12 @@ def _run_one(session: Session, item: PreparedTask, label: str, output_dir: Path 
     for path in paths:
         print(f"saved {path}")
     return True
+
+
+def _print_lora_reports(reports: list[LoraReport]) -> None:
+    """One line per LoRA on the model, before the progress bar: dialect, modules matched, rank, multiplier."""
+    for report in reports:
+        print(f"  {report.summary()}")
 
 
 def _report_failure(where: str, message: str) -> None:

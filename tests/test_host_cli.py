@@ -75,7 +75,7 @@ def test_one_shot_output_file_never_overwrites(env: HostConfig, tmp_path: Path) 
 
 
 def test_ctrl_c_exits_130(env: HostConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def interrupted(self: Session, task: object, on_step: object = None) -> None:
+    def interrupted(self: Session, task: object, on_step: object = None, on_loaded: object = None) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Session, "run", interrupted)
