@@ -95,7 +95,7 @@ def snap_size(width: float, height: float) -> tuple[int, int, str]:
     for name, value in (("width", width), ("height", height)):
         v = int(round(float(value)))
         if SIZE_MULTIPLE <= v <= MAX_SIDE and v % SIZE_MULTIPLE:
-            new = min(MAX_SIDE, max(SIZE_MULTIPLE, int(round(v / SIZE_MULTIPLE)) * SIZE_MULTIPLE))
+            new = min(MAX_SIDE, max(SIZE_MULTIPLE, (v + SIZE_MULTIPLE // 2) // SIZE_MULTIPLE * SIZE_MULTIPLE))
             changed.append(f"{name} {v} -> {new}")
             v = new
         snapped.append(v)
