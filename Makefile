@@ -49,6 +49,9 @@ ifneq ($(strip $(BROWSER_TESTS)),)
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
 		|| echo "browser-deps: could not install chromium; browser tests will be skipped"; \
+	elif command -v apt-get >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+		|| echo "browser-deps: could not install chromium; browser tests will be skipped"; \
 	else echo "browser-deps: chromium missing (sudo apt-get install chromium); browser tests will be skipped"; fi
 else
 	@:

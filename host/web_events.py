@@ -14,7 +14,7 @@ from typing import Any
 import gradio as gr
 
 from common.errors import UserInputError
-from host.lora_sets import LoraSet, list_lsets, load_lset, save_lset
+from host.lora_sets import LoraSet, list_lsets, load_lset, resolve_lset, save_lset
 from host.outputs import read_settings
 from host.session import Session, Task
 from host.web_form import (
@@ -160,7 +160,7 @@ class WebApp:
         c["lset_load"].click(
             self.on_lset_load,
             [c["model"], c["lset"]],
-            [c["loras"], c["loras_multipliers"], c["status"]],
+            [c["loras"], c["loras_multipliers"], c["prompt"], c["status"]],
             show_progress="hidden",
         )
         c["lset_save"].click(
@@ -273,7 +273,6 @@ class WebApp:
             preset = self.session.catalog.get(form["model"])
             result = settings_from_form(form, accepted_keys(self.session, preset))
             task = self.session.prepare({**result.settings, "model_type": preset.model_type}, "web UI")
-            check_multipliers(task.settings)
         except UserInputError as exc:
             return {c["status"]: status_html(f"Not queued: {exc}", "error")}
         ahead = len(self.worker.snapshot().pending) + (0 if self.worker.idle() else 1)
@@ -397,15 +396,17 @@ class WebApp:
         )
         return gr.update(choices=files), gr.update(choices=list_lsets(folder)), status_html(text, "info")
 
-    def on_lset_load(self, model_type: str | None, name: str | None) -> tuple[Any, Any, str]:
+    def on_lset_load(self, model_type: str | None, name: str | None) -> tuple[Any, Any, Any, str]:
+        """Fill the LoRA fields from a set (and the prompt, when the set carries one)."""
         preset = self.session.catalog.presets.get(model_type or "")
         if preset is None or not name:
-            return gr.update(), gr.update(), status_html("Choose a model and a LoRA set first.", "error")
+            return gr.update(), gr.update(), gr.update(), status_html("Choose a model and a LoRA set first.", "error")
         try:
-            lset = load_lset(lora_folder(self.session, preset) / name)
+            lset = load_lset(resolve_lset(name, self.session.lora_folders(preset)))
         except UserInputError as exc:
-            return gr.update(), gr.update(), status_html(str(exc), "error")
-        return gr.update(value=lset.loras), lset.loras_mult, status_html(f"LoRA set {name} loaded.", "success")
+            return gr.update(), gr.update(), gr.update(), status_html(str(exc), "error")
+        prompt = lset.prompt or gr.update()
+        return gr.update(value=lset.loras), lset.loras_mult, prompt, status_html(f"LoRA set {name} loaded.", "success")
 
     def on_lset_save(
         self, model_type: str | None, name: str | None, loras: list[str] | None, mult: str | None, prompt: str | None
@@ -419,12 +420,3 @@ class WebApp:
         except (UserInputError, OSError) as exc:
             return gr.update(), status_html(f"LoRA set not saved: {exc}", "error")
         return gr.update(choices=list_lsets(folder), value=path.name), status_html(f"LoRA set saved: {path}", "success")
-
-
-def check_multipliers(settings: dict[str, Any]) -> None:
-    """LoRA multipliers are checked when queued (a typo is a message now, not a failed job later)."""
-    loras = settings.get("activated_loras") or []
-    if loras:
-        from host.lora import parse_multipliers
-
-        parse_multipliers(settings.get("loras_multipliers", ""), len(loras))

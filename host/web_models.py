@@ -190,35 +190,42 @@ def negative_prompt_note(guidance_scale: float | None) -> tuple[bool, str]:
 
 
 def lora_folder(session: Session, preset: Preset) -> Path:
-    return session.handler(preset).get_lora_dir(preset.architecture, session.config.lora_args)
+    """The family's LoRA folder (where the list comes from and `.lset` files are saved)."""
+    return session.lora_folders(preset)[0]
 
 
 def lora_files(session: Session, preset: Preset) -> list[str]:
-    """LoRA files of the model type's family folder (rescanned on every call: the refresh button)."""
+    """LoRA names as tasks write them: the family folder's files, then the root folder's own (rescanned)."""
     from host.lora import LoraLibrary
 
-    return LoraLibrary(lora_folder(session, preset)).rescan()
+    folders = session.lora_folders(preset)
+    names = LoraLibrary(folders[0]).rescan()
+    for root in folders[1:]:
+        inside = [Path(f.resolve()) for f in folders[:1]]
+        for name in LoraLibrary(root).rescan():
+            if not any((root / name).resolve().is_relative_to(f) for f in inside) and name not in names:
+                names.append(name)
+    return names
 
 
 def lora_reports(session: Session, preset: Preset, names: list[str], multipliers: str) -> str:
-    """Markdown: one load report per chosen LoRA (keys read and matched, rank, alpha) or its error."""
+    """Markdown: one load report per chosen LoRA (format, modules matched, rank, alpha) or its error."""
     if not names:
         return ""
     from host.lora import load_lora, parse_multipliers, resolve_lora
 
     handler = session.handler(preset)
+    if not hasattr(handler, "normalize_lora"):
+        return f"- the {preset.architecture} family cannot read LoRAs"
     lines = []
     try:
         schedules = parse_multipliers(multipliers or "", len(names))
     except UserInputError as exc:
         lines.append(f"- **multipliers:** {exc}")
         schedules = [[1.0]] * len(names)
-    if not hasattr(handler, "normalize_lora"):
-        return f"- the {preset.architecture} family cannot read LoRAs"
-    folder = lora_folder(session, preset)
     for name, values in zip(names, schedules, strict=True):
         try:
-            loaded = load_lora(resolve_lora(name, [folder]), handler)
+            loaded = load_lora(resolve_lora(name, session.lora_folders(preset)), handler)
         except UserInputError as exc:
             lines.append(f"- **{name}: {exc}**")
             continue

@@ -204,22 +204,22 @@ class GenerationWorker:
         files = session.files_for(task)
         self._check_cancel()
         self._set(job, LOADING, f"job #{job.id}: loading {task.preset.name}…")
-        _, load_s = session.model_for(task, files)
+        _, load_s = session.model_for(task, files)  # LoRAs attached here too (run() finds it all cached)
         self._check_cancel()
+        job.lora_reports = [report.summary() for report in session.lora_reports()]
+        loras = "".join(f"\n{line}" for line in job.lora_reports)
         loaded = f"model loaded in {load_s:.1f} s; " if load_s is not None else ""
-        self._set(job, RUNNING, f"job #{job.id}: {loaded}generating…")
+        self._set(job, RUNNING, f"job #{job.id}: {loaded}generating…{loras}")
         result = session.run(task, on_step=self._step_callback(job))
         self._set(job, SAVING, f"job #{job.id}: saving…")
         paths = session.save(result, self.output_dir)
-        job.lora_reports = [r.summary() for r in getattr(_loaded_model(session), "lora_reports", None) or []]
         with self._lock:
             job.paths, job.settings = list(paths), dict(result.settings)
             self._results.extend(GalleryItem(p, dict(result.settings), job.id) for p in paths)
         took = result.info.get("timings", {}).get("denoise_s")
         timing = f" in {took:.2f} s" if took is not None else ""
-        self._finish(
-            job, DONE, f"job #{job.id} done{timing}: {len(paths)} image(s), seed {result.settings['seed']}", "success"
-        )
+        done = f"job #{job.id} done{timing}: {len(paths)} image(s), seed {result.settings['seed']}{loras}"
+        self._finish(job, DONE, done, "success")
 
     def _step_callback(self, job: Job) -> Callable[[Any], None]:
         """Progress + preview every few steps; raises GenerationCancelled when Abort was pressed."""
@@ -278,12 +278,6 @@ def _copy_job(job: Job) -> Job:
         dict(job.settings),
         list(job.lora_reports),
     )
-
-
-def _loaded_model(session: Session) -> Any:
-    """The session's loaded model (for its LoRA reports); None when nothing is loaded."""
-    loaded = getattr(session, "_loaded", None)  # Session has no public accessor yet
-    return getattr(loaded, "model", None)
 
 
 def wait_until_idle(worker: GenerationWorker, timeout_s: float) -> bool:
