@@ -96,7 +96,7 @@ def build_app(session: Session, settings_dir: Path | None = DEFAULT_SETTINGS_DIR
         c["page"] = gr.State({})
         c["selected"] = gr.State(None)
         c["timer"] = gr.Timer(POLL_S)
-        app.wire(gr, demo, c)
+        app.wire(demo, c)
     return demo
 
 

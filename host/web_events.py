@@ -1,7 +1,8 @@
 """The web UI's event handlers: what each button and field does. Layout is in host/web.py.
 
-Handlers return `{component: update}` dicts so each one touches only what it changes. Every failure
-becomes a message in `#status` (or the field's note); no handler lets an exception reach Gradio.
+Handlers return `{component: update}` dicts so each one touches only what it changes. A user's mistake
+(a UserInputError: bad settings, missing files, a broken image or LoRA) becomes a message in `#status` or
+in the field's note; a generation never runs in a handler (the worker thread runs it), so no spinner waits.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import gradio as gr
 
 from common.errors import UserInputError
-from host.lora_sets import LoraSet, list_lsets, load_lset, resolve_lset, save_lset
+from host.lora_sets import list_lsets
 from host.outputs import read_settings
 from host.session import Session, Task
 from host.web_form import (
@@ -31,6 +32,7 @@ from host.web_form import (
     settings_from_image,
     snap_size,
 )
+from host.web_lora import LoraPanel
 from host.web_models import (
     count_tokens,
     detected_vram_gb,
@@ -39,7 +41,6 @@ from host.web_models import (
     is_out_of_memory,
     lora_files,
     lora_folder,
-    lora_reports,
     memory_plan,
     model_choices,
     models_of_family,
@@ -53,7 +54,7 @@ from host.web_render import download_bytes, progress_html, queue_html, status_ht
 log = logging.getLogger(__name__)
 
 
-class WebApp:
+class WebApp(LoraPanel):
     """One per server: the session, its worker thread, and the handlers the page calls."""
 
     def __init__(self, session: Session, settings_dir: Path | None):
@@ -100,7 +101,7 @@ class WebApp:
 
     # -- wiring ---------------------------------------------------------------------------------
 
-    def wire(self, gr_module: Any, demo: Any, c: dict[str, Any]) -> None:
+    def wire(self, demo: Any, c: dict[str, Any]) -> None:
         """Connect every event; `c` maps element ids to components."""
         self.c = c
         form = [c[f] for f in FIELD_IDS]
@@ -116,7 +117,8 @@ class WebApp:
             self.on_model_change, [c["model"], c["quantization"]], model_outputs, show_progress="hidden"
         )
         token_inputs = [c["model"], c["prompt"], c["max_tokens"], c["quantization"]]
-        for event in (c["prompt"].change, c["max_tokens"].change, c["model"].change):
+        # the status changes when a job ends: the first one may have brought the tokenizer (exact count)
+        for event in (c["prompt"].change, c["max_tokens"].change, c["model"].change, c["status"].change):
             event(self.on_tokens, token_inputs, [c["token_count"]], show_progress="hidden", trigger_mode="always_last")
         c["guidance"].change(self.on_guidance, [c["guidance"]], [c["negative_prompt"]], show_progress="hidden")
         c["resolution"].input(self.on_resolution, [c["resolution"]], [c["width"], c["height"]], show_progress="hidden")
@@ -149,26 +151,6 @@ class WebApp:
         )
         drop_outputs = [*self.apply_outputs, c["settings_drop"]]  # the drop area is emptied for the next image
         c["settings_drop"].upload(self.on_drop, [c["settings_drop"], c["model"]], drop_outputs, show_progress="hidden")
-
-    def _wire_loras(self, c: dict[str, Any]) -> None:
-        report_inputs = [c["model"], c["loras"], c["loras_multipliers"]]
-        c["loras"].change(self.on_lora_report, report_inputs, [c["lora_report"]], show_progress="hidden")
-        c["loras_multipliers"].blur(self.on_lora_report, report_inputs, [c["lora_report"]], show_progress="hidden")
-        c["lora_refresh"].click(
-            self.on_lora_refresh, [c["model"]], [c["loras"], c["lset"], c["status"]], show_progress="hidden"
-        )
-        c["lset_load"].click(
-            self.on_lset_load,
-            [c["model"], c["lset"]],
-            [c["loras"], c["loras_multipliers"], c["prompt"], c["status"]],
-            show_progress="hidden",
-        )
-        c["lset_save"].click(
-            self.on_lset_save,
-            [c["model"], c["lset_name"], c["loras"], c["loras_multipliers"], c["prompt"]],
-            [c["lset"], c["status"]],
-            show_progress="hidden",
-        )
 
     # -- model and form -------------------------------------------------------------------------
 
@@ -373,50 +355,3 @@ class WebApp:
             return {self.c["status"]: status_html(str(exc), "error")}
         settings = {k: v for k, v in found.settings.items() if k != "generation_info"}
         return self.apply(settings, model_type, f"Settings taken from {path.name} ({found.source}).")
-
-    # -- LoRAs ----------------------------------------------------------------------------------
-
-    def on_lora_report(self, model_type: str | None, loras: list[str] | None, multipliers: str | None) -> str:
-        preset = self.session.catalog.presets.get(model_type or "")
-        if preset is None or not loras:
-            return ""
-        try:
-            return lora_reports(self.session, preset, list(loras), multipliers or "")
-        except Exception as exc:  # noqa: BLE001 - a broken LoRA file must show as a message, not a dead field
-            log.warning("LoRA report failed", exc_info=True)
-            return f"**LoRA report failed: {type(exc).__name__}: {exc}**"
-
-    def on_lora_refresh(self, model_type: str | None) -> tuple[Any, Any, str]:
-        preset = self.session.catalog.presets.get(model_type or "")
-        if preset is None:
-            return gr.update(), gr.update(), status_html("Choose a model first.", "error")
-        folder, files = lora_folder(self.session, preset), lora_files(self.session, preset)
-        text = f"{len(files)} LoRA file(s) in {folder}" + (
-            "" if folder.is_dir() else " (the folder does not exist yet)"
-        )
-        return gr.update(choices=files), gr.update(choices=list_lsets(folder)), status_html(text, "info")
-
-    def on_lset_load(self, model_type: str | None, name: str | None) -> tuple[Any, Any, Any, str]:
-        """Fill the LoRA fields from a set (and the prompt, when the set carries one)."""
-        preset = self.session.catalog.presets.get(model_type or "")
-        if preset is None or not name:
-            return gr.update(), gr.update(), gr.update(), status_html("Choose a model and a LoRA set first.", "error")
-        try:
-            lset = load_lset(resolve_lset(name, self.session.lora_folders(preset)))
-        except UserInputError as exc:
-            return gr.update(), gr.update(), gr.update(), status_html(str(exc), "error")
-        prompt = lset.prompt or gr.update()
-        return gr.update(value=lset.loras), lset.loras_mult, prompt, status_html(f"LoRA set {name} loaded.", "success")
-
-    def on_lset_save(
-        self, model_type: str | None, name: str | None, loras: list[str] | None, mult: str | None, prompt: str | None
-    ):
-        preset = self.session.catalog.presets.get(model_type or "")
-        if preset is None:
-            return gr.update(), status_html("Choose a model first.", "error")
-        folder = lora_folder(self.session, preset)
-        try:
-            path = save_lset(folder, (name or "").strip(), LoraSet(list(loras or []), mult or "", prompt or ""))
-        except (UserInputError, OSError) as exc:
-            return gr.update(), status_html(f"LoRA set not saved: {exc}", "error")
-        return gr.update(choices=list_lsets(folder), value=path.name), status_html(f"LoRA set saved: {path}", "success")

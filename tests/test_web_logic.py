@@ -283,3 +283,18 @@ def test_previewer_recovers_the_clean_image_estimate_from_two_steps() -> None:
 def test_status_html_escapes_user_text() -> None:
     html = status_html("<script>alert(1)</script>", "error")
     assert "<script>" not in html and "wgp-error" in html and json.dumps("x")
+
+
+def test_launch_serves_on_localhost_unless_listen_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from host import web
+    from host.cli import build_parser
+
+    served: list[tuple[str, int, bool]] = []
+    monkeypatch.setattr(web, "build_app", lambda session, settings_dir: object())
+    monkeypatch.setattr(web, "serve", lambda demo, session, host, port, share=False: served.append((host, port, share)))
+    assert web.launch(build_parser().parse_args([])) == 0
+    assert served[-1] == ("127.0.0.1", 7860, False) and "WARNING" not in capsys.readouterr().out
+    assert web.launch(build_parser().parse_args(["--listen", "--server-port", "7999"])) == 0
+    assert served[-1] == ("0.0.0.0", 7999, False) and "WARNING: --listen" in capsys.readouterr().out
