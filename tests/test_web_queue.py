@@ -169,3 +169,9 @@ def test_use_settings_of_a_saved_image_and_save_as_defaults(app: Any) -> None:
     defaults = app.on_model_input("toy")
     assert defaults["steps"] == 7 and defaults["family"] == "Toy family"
     assert "no effect" in defaults["negative_prompt"]["label"]
+
+
+def test_out_of_memory_gets_advice_other_errors_their_type(app: Any) -> None:
+    task = app.session.prepare({"model_type": "toy"}, "test")
+    assert app.format_error(task, RuntimeError("CUDA out of memory (2 GiB)")).startswith("Out of memory")
+    assert app.format_error(task, KeyError("x")).startswith("KeyError")
