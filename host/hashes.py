@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
+
+from host.atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,7 @@ class HashCache:
     def _save(self) -> None:
         """Atomic rewrite; a read-only location only costs re-hashing next time."""
         try:
-            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache_file.with_name(f".{self.cache_file.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self._entries, indent=1, sort_keys=True), encoding="utf-8")
-            os.replace(tmp, self.cache_file)
+            atomic_write_json(self.cache_file, self._entries, indent=1, sort_keys=True)
         except OSError as exc:
             log.warning("could not write the hash cache %s: %s", self.cache_file, exc)
 

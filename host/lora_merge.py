@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ from safetensors.torch import save_file
 
 from common.errors import CheckpointError, SettingsError
 from common.lora_delta import LoraDelta
+from host.atomic import atomic_write
 from host.lora import LoraNormalizer, load_lora, resolve_lora
 
 log = logging.getLogger(__name__)
@@ -112,15 +111,7 @@ def merge_loras(
 
 def write_lora_atomic(sd: dict[str, torch.Tensor], output: Path, metadata: dict[str, str]) -> None:
     """Write to a temporary file in the same folder, then rename: never half a file at `output`."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=metadata)
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(output, lambda tmp: save_file(sd, str(tmp), metadata=metadata))
 
 
 def merge_main(

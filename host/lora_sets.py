@@ -5,13 +5,12 @@ family's LoRA folder. Wan2GP's format: JSON `{"loras": [...], "loras_mult": "1 0
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.errors import SettingsError
+from host.atomic import atomic_write_json
 
 LSET_SUFFIX = ".lset"
 _FIELDS = {"loras": list, "loras_mult": str, "prompt": str, "full_prompt": str}
@@ -33,16 +32,7 @@ def _lset_path(folder: Path, name: str) -> Path:
 def save_lset(folder: Path, name: str, lset: LoraSet) -> Path:
     """Write `<folder>/<name>.lset` atomically (a crash never leaves half a file)."""
     path = _lset_path(folder, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(asdict(lset), f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_json(path, asdict(lset), indent=2)
 
 
 def load_lset(path: Path) -> LoraSet:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -30,6 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from common.errors import CheckpointError
+from host.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -277,10 +277,7 @@ def save_quantized(
     config = config if config is not None else _model_config(model)
     if config is not None:
         metadata["config_base64"] = base64.b64encode(json.dumps(config).encode("utf-8")).decode("ascii")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    save_file(state, str(partial), metadata=metadata)
-    os.replace(partial, path)
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     log.info("saved %s: %d tensors, %d int8 layers", path, len(state), len(qmap))
     return path
 

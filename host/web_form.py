@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from PIL import Image
 
 from common.errors import SettingsError
 from host import settings as host_settings
+from host.atomic import atomic_write_json
 from host.outputs import EXIF_IFD, IMAGE_DESCRIPTION, PARAMETERS_KEY, read_settings
 from host.presets import Preset
 from host.registry import REPO_ROOT
@@ -213,14 +212,7 @@ def save_user_defaults(settings_dir: Path, model_type: str, settings: Mapping[st
     settings_dir.mkdir(parents=True, exist_ok=True)
     path = user_defaults_path(settings_dir, model_type)
     data = {k: v for k, v in settings.items() if k not in ("model_type", "generation_info")}
-    fd, tmp = tempfile.mkstemp(dir=settings_dir, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return atomic_write_json(path, data, indent=2)
 
 
 # -- settings from images ------------------------------------------------------------------------
