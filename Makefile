@@ -34,7 +34,7 @@ $(PY):
 $(STAMP): requirements.txt | $(PY)
 	@if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" >/dev/null 2>&1; then \
 		echo "no NVIDIA GPU found: installing the CPU build of torch $(TORCH_VERSION)"; \
-		$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+		$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX) --retries 1 --timeout 10; \
 	fi
 	$(PY) -m pip install --quiet -r requirements.txt
 	@touch $(STAMP)
