@@ -12,7 +12,7 @@ import difflib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from common.errors import UserInputError
@@ -154,6 +154,8 @@ def build_preset(
     for key in ("URLs", "text_encoder_URLs"):
         if isinstance(model_def.get(key), str):
             model_def[key] = _resolve_reference(model_type, key, model_def[key], all_raw, where)
+    if model_def.get("selftest"):
+        _check_selftest_paths(model_def, where)
     settings = {k: v for k, v in data.items() if k != "model"}
     if "model_type" in settings:
         raise PresetError(f"{where}: 'model_type' is the file name ({model_type}), remove it from the preset")
@@ -173,6 +175,19 @@ def _check_model_block(block: Mapping[str, Any], family_keys: set[str], where: s
             raise PresetError(f"{where}: model.{key} must be {wanted} ({MODEL_KEYS[key][1]}), got {value!r}")
         if isinstance(value, list) and key != "loras_multipliers" and not all(isinstance(v, str) for v in value):
             raise PresetError(f"{where}: model.{key} must be a list of strings, got {value!r}")
+
+
+def _check_selftest_paths(model_def: Mapping[str, Any], where: str) -> None:
+    """A self-test preset's files are written by the program, so they must lie in a sub-folder of the
+    checkpoints folder: no URL, no absolute path, no `..`, not the checkpoints folder itself."""
+    for key in ("URLs", "text_encoder_URLs"):
+        for entry in model_def.get(key) or []:
+            parts = PurePosixPath(entry.replace("\\", "/"))
+            if "://" in entry or parts.is_absolute() or Path(entry).is_absolute() or ".." in parts.parts or len(parts.parts) < 2:
+                raise PresetError(
+                    f"{where}: model.{key} entry {entry!r} of a self-test preset must be a file in a sub-folder of the "
+                    'checkpoints folder (e.g. "z_image_selftest/..."): the program writes those files itself'
+                )
 
 
 def _resolve_reference(

@@ -24,7 +24,7 @@ from host.files import DEFAULT_CKPTS, CheckpointFolders, download_file, resolve_
 from host.hashes import HashCache
 from host.lora import LoraReport, apply_loras, remove_loras
 from host.lora_task import LoraChoice, expand_lset, lora_folders, task_loras
-from host.outputs import output_name, save_image
+from host.outputs import check_output_folder, output_name, remove_stale_temp_files, save_image
 from host.presets import DEFAULTS_DIR, FINETUNES_DIR, Preset, PresetCatalog, load_presets
 from host.registry import DEFAULT_MODELS_ROOT, REPO_ROOT, FamilyHandler, LoadedModel, Registry, discover
 
@@ -93,6 +93,7 @@ class Session:
         self._catalog: PresetCatalog | None = None
         self._device: DeviceChoice | None = None
         self._loaded: _Loaded | None = None
+        self._swept: set[Path] = set()  # folders already cleared of a killed run's temporary files
 
     @property
     def registry(self) -> Registry:
@@ -127,6 +128,8 @@ class Session:
         preset = self.catalog.get(model_type)
         handler, arch = self.handler(preset), preset.architecture
         family = host_settings.family_defaults(handler, arch, preset.model_def)
+        fallback = preset.settings.get("resolution", family.get("resolution"))
+        raw = host_settings.size_keys_to_resolution(raw, family, fallback, where)  # diffusers' width/height
         merged = {**host_settings.host_defaults(), **family, **preset.settings, **raw}
         valid = host_settings.validate(handler, arch, preset.model_def, merged, where)
         try:  # a missing or refused LoRA fails the task before anything loads
@@ -156,6 +159,7 @@ class Session:
         handler = self.handler(preset)
         family_files = handler.query_model_files(preset.architecture, preset.model_def, quantization)
         specs = specs_from_model_def(preset.model_def, family_files)
+        self._sweep(self.folders.primary)  # hash cache and downloads are written there
         if preset.model_def.get("selftest"):
             self._write_selftest_files(handler, preset)
         download = download_file if self.config.allow_download else None
@@ -166,7 +170,10 @@ class Session:
         writer = getattr(handler, "write_selftest_files", None)
         if writer is None:
             raise SettingsError(f"preset {preset.model_type} is a self-test preset, but its family cannot write test files")
-        writer(preset.architecture, preset.model_def, self.folders.primary)
+        try:  # the family writes only inside the checkpoints folder and refuses a preset pointing elsewhere
+            writer(preset.architecture, preset.model_def, self.folders.primary)
+        except UserInputError as err:
+            raise type(err)(f"{' + '.join(str(p) for p in preset.sources)}: {err}") from None
 
     # -- 3. model -------------------------------------------------------------------------------
 
@@ -301,10 +308,33 @@ class Session:
             })
         return out
 
+    def check_destination(self, output_dir: Path | None = None, output_file: Path | None = None) -> Path:
+        """Before any work: the folder the images will go to exists (created) and takes files; a killed
+        run's temporary files there are removed. Raises SettingsError naming the folder. Returns it."""
+        if output_file is not None and not Path(output_file).is_dir():
+            folder = Path(output_file).expanduser().parent
+        else:
+            folder = Path(output_file or output_dir or self.config.output_dir)
+        folder = check_output_folder(folder)
+        self._swept.add(folder)
+        return folder
+
+    def _sweep(self, folder: Path) -> None:
+        """Remove a killed run's temporary files from `folder`, once per session."""
+        if folder not in self._swept:
+            self._swept.add(folder)
+            remove_stale_temp_files(folder)
+
     def save(self, result: TaskResult, output_dir: Path | None = None, output_file: Path | None = None) -> list[Path]:
-        """Save every image of a result (atomic, never overwriting); returns the paths."""
+        """Save every image of a result (atomic, never overwriting); returns the paths.
+
+        `output_file` is the exact file, or, when it is an existing folder, the folder to save into.
+        """
         settings = result.settings
         fmt = settings["output_format"]
+        if output_file is not None and output_file.is_dir():
+            output_dir, output_file = output_file, None
+        self._sweep(Path(output_file.parent if output_file is not None else output_dir or self.config.output_dir))
         for index, image in enumerate(result.images):
             info = {**result.info, "batch_index": index} if len(result.images) > 1 else result.info
             if output_file is not None:

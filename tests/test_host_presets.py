@@ -112,3 +112,26 @@ def test_finetune_pointing_at_local_folder_is_usable(tmp_path: Path) -> None:
     assert session.files_for(task) == {"transformer": folder}
     result = session.run(task)
     assert len(result.images) == 1
+
+
+def test_base_architecture_gets_base_defaults_and_the_preset_still_wins(tmp_path: Path) -> None:
+    """Wan2GP's z_image_base.json model block under another id, with no settings: Base's defaults apply."""
+    shipped = json.loads((Path(__file__).parents[1] / "defaults" / "z_image_base.json").read_text())
+    finetunes = tmp_path / "finetunes"
+    write_json(finetunes / "my_base.json", {"model": shipped["model"]})
+    write_json(finetunes / "my_base_12.json", {"model": {"name": "Mine", "architecture": "z_image_base"}, "num_inference_steps": 12})
+    write_json(finetunes / "my_turbo.json", {"model": {"name": "Mine", "architecture": "z_image"}})
+    from host.session import HostConfig
+
+    session = Session(HostConfig(finetunes_dir=finetunes, ckpts=tmp_path / "ckpts", allow_download=False, device="cpu"))
+    got = {
+        model_type: session.prepare({"model_type": model_type, "prompt": "a fox"}).settings
+        for model_type in ("my_base", "my_base_12", "my_turbo", "z_image_base", "z_image")
+    }
+    keys = ("num_inference_steps", "guidance_scale", "flow_shift")
+    base_negative = shipped["negative_prompt"]
+    assert [got["my_base"][k] for k in keys] == [30, 4.0, 6.0] and got["my_base"]["negative_prompt"] == base_negative
+    assert [got["my_base_12"][k] for k in keys] == [12, 4.0, 6.0] and got["my_base_12"]["negative_prompt"] == base_negative
+    assert [got["my_turbo"][k] for k in keys] == [8, 0.0, 3.0] and got["my_turbo"]["negative_prompt"] == ""
+    for shipped_id, own in (("z_image_base", "my_base"), ("z_image", "my_turbo")):
+        assert {k: got[shipped_id][k] for k in (*keys, "negative_prompt")} == {k: got[own][k] for k in (*keys, "negative_prompt")}

@@ -105,3 +105,69 @@ def test_shipped_presets_report_missing_weights_offline(tmp_path: Path, capsys: 
     assert "ZImageTurbo_VAE_bf16.safetensors" in err and "Qwen3/tokenizer.json" in err
     assert not (tmp_path / "out").exists()
     assert REPO_ROOT.joinpath("defaults", "z_image_base.json").is_file()
+
+
+def _selftest_def(folder: str) -> dict:
+    return {
+        "name": "self-test elsewhere",
+        "architecture": "z_image",
+        "URLs": [f"{folder}/ZImageTurbo_bf16.safetensors"],
+        "text_encoder_URLs": [f"{folder}/Qwen3/qwen3_bf16.safetensors"],
+        "selftest": True,
+    }
+
+
+def test_selftest_finetune_pointing_outside_the_checkpoints_is_refused_and_deletes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    finetunes = tmp_path / "finetunes"
+    finetunes.mkdir()
+    for name, folder in (("evil_up", "../victim"), ("evil_abs", str(victim))):
+        preset = {"model": _selftest_def(folder), "resolution": "64x64", "num_inference_steps": 1}
+        (finetunes / f"{name}.json").write_text(json.dumps(preset))
+    for name in ("evil_up", "evil_abs"):
+        code = cli.main(["--model", name, "--prompt", "x", *_args(tmp_path / "ckpts", tmp_path / "out", finetunes)])
+        assert code == 1
+        err = capsys.readouterr().err
+        assert f"{name}.json" in err and "sub-folder of the checkpoints folder" in err
+    assert [p.name for p in victim.iterdir()] == ["keep.txt"] and (victim / "keep.txt").read_text() == "mine"
+
+
+def test_selftest_writer_only_adds_files_inside_the_checkpoints(tmp_path: Path) -> None:
+    from common.errors import CheckpointError
+    from models.z_image.z_image_handler import family_handler
+
+    ckpts, victim = tmp_path / "ckpts", tmp_path / "victim"
+    (ckpts / "mine").mkdir(parents=True)
+    (ckpts / "mine" / "notes.txt").write_text("keep")
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    (ckpts / "link").symlink_to(victim, target_is_directory=True)
+    family_handler.write_selftest_files("z_image", _selftest_def("mine"), ckpts)
+    assert (ckpts / "mine" / "notes.txt").read_text() == "keep"
+    for name in ("ZImageTurbo_bf16.safetensors", "ZImageTurbo_VAE_bf16_config.json", "Qwen3/tokenizer.json", "Qwen3/config.json"):
+        assert (ckpts / "mine" / name).is_file()
+    assert sorted(p.name for p in ckpts.iterdir()) == ["link", "mine"]  # the temporary folder is gone
+    weights = (ckpts / "mine" / "ZImageTurbo_bf16.safetensors").stat().st_mtime_ns
+    family_handler.write_selftest_files("z_image", _selftest_def("mine"), ckpts)  # complete: nothing rewritten
+    assert (ckpts / "mine" / "ZImageTurbo_bf16.safetensors").stat().st_mtime_ns == weights
+    bad = {
+        "../victim": "not a path inside",
+        str(victim): "not a path inside",
+        "link": "through a link",
+        ".": "not a file in a sub-folder",
+    }
+    for folder, message in bad.items():
+        model_def = _selftest_def(folder)
+        if folder == ".":
+            model_def = {**model_def, "URLs": ["ZImageTurbo_bf16.safetensors"], "text_encoder_URLs": ["Qwen3/qwen3_bf16.safetensors"]}
+        with pytest.raises(CheckpointError, match=message):
+            family_handler.write_selftest_files("z_image", model_def, ckpts)
+    renamed = {**_selftest_def("other"), "URLs": ["other/my_model.safetensors"]}
+    with pytest.raises(CheckpointError, match="z_image_selftest"):
+        family_handler.write_selftest_files("z_image", renamed, ckpts)
+    assert [p.name for p in victim.iterdir()] == ["keep.txt"]
+    assert not (ckpts / "ZImageTurbo_bf16.safetensors").exists() and not (ckpts / "other").exists()

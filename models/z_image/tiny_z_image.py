@@ -10,14 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from models.z_image.convert_z_image import FUSED_SPLITS, TRANSFORMER_PREFIXES
+from common.errors import CheckpointError
 from models.z_image.transformer_z_image import ZImageConfig
 
 logger = logging.getLogger(__name__)
@@ -52,6 +56,8 @@ FLAT_NAMES = {
     "text_encoder_config": "Qwen3/config.json",
     "tokenizer": "Qwen3",
 }
+# The tokenizer's files in the `Qwen3/` folder that loading needs (write_flat_layout writes them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
 
 
 @dataclass
@@ -104,22 +110,26 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.1 * noise)
 
 
-def build_tiny_components(seed: int = 0) -> TinyComponents:
-    """All five parts with weights drawn from `seed` (global RNG state untouched)."""
+def build_tiny_components(seed: int = 0, config: ZImageConfig = TINY_CONFIG, vae_levels: int = 4) -> TinyComponents:
+    """All five parts with weights drawn from `seed` (global RNG state untouched).
+
+    `config` and `vae_levels` (the VAE's depth: image pixels per latent pixel = 2 ** (levels - 1)) give
+    other shapes diffusers accepts, for the tests of configs unlike the released model's.
+    """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
     tokenizer = build_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = ZImageTransformer2DModel(**TINY_CONFIG.to_dict()).eval()
+        transformer = ZImageTransformer2DModel(**config.to_dict()).eval()
         _randomise(transformer, seed)
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 16, 16),
+            down_block_types=("DownEncoderBlock2D",) * vae_levels,
+            up_block_types=("UpDecoderBlock2D",) * vae_levels,
+            block_out_channels=(8, 16, 16, 16, 16)[:vae_levels],
             layers_per_block=1,
             latent_channels=16,
             norm_num_groups=8,
@@ -147,11 +157,11 @@ def build_tiny_components(seed: int = 0) -> TinyComponents:
     return TinyComponents(transformer, vae, text_encoder, tokenizer, scheduler)
 
 
-def write_diffusers_layout(folder: Path, seed: int = 0) -> Path:
+def write_diffusers_layout(folder: Path, seed: int = 0, config: ZImageConfig = TINY_CONFIG, vae_levels: int = 4) -> Path:
     """Write a tiny model with diffusers' own `ZImagePipeline.save_pretrained` (transformer/ vae/ ...)."""
     from diffusers import ZImagePipeline
 
-    parts = build_tiny_components(seed)
+    parts = build_tiny_components(seed, config, vae_levels)
     pipe = ZImagePipeline(
         scheduler=parts.scheduler,
         vae=parts.vae,
@@ -193,34 +203,103 @@ def write_flat_layout(folder: Path, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
-# Our names -> ComfyUI names (plain substring replacements; the converter's KEY_RENAMES undo them).
-COMFY_NAMES: tuple[tuple[str, str], ...] = (
-    (".attention.to_out.0.", ".attention.out."),
-    (".attention.norm_q.", ".attention.q_norm."),
-    (".attention.norm_k.", ".attention.k_norm."),
-    ("all_x_embedder.2-1.", "x_embedder."),
-    ("all_final_layer.2-1.", "final_layer."),
-)
+def write_selftest_layout(urls: Sequence[str] | None, text_encoder_urls: Sequence[str] | None, ckpts: Path) -> Path:
+    """The self-test preset's files: the flat layout (seed 0) in its sub-folder of `ckpts`; returns that folder.
+
+    Only missing files are added; nothing already there is replaced or deleted. The files are written
+    into a fresh temporary folder under `ckpts`, moved in one by one, and only that temporary folder is
+    removed. Where the preset points is checked first (`selftest_folder`).
+    """
+    ckpts = Path(ckpts)
+    target = selftest_folder(list(urls or []), list(text_encoder_urls or []), ckpts)
+    if not missing_selftest_files(target):
+        return target
+    ckpts.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".selftest-", suffix=".tmp", dir=ckpts))
+    try:
+        write_flat_layout(staging, seed=0)
+        for source in sorted(p for p in staging.rglob("*") if p.is_file()):
+            destination = target / source.relative_to(staging)
+            if not destination.exists() and not destination.is_symlink():
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(source, destination)  # whole files only: a reader never sees half of one
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # the temporary folder made above, nothing else
+    return target
+
+
+def selftest_folder(urls: list[str], text_encoder_urls: list[str], ckpts: Path) -> Path:
+    """`ckpts/<sub-folder>` named by a self-test preset, whose entries must be the flat layout's names.
+
+    Refused with a CheckpointError that says what to write instead: URLs or absolute paths, `..`, the
+    checkpoints folder itself (real weights live there), a folder that leads outside `ckpts` through a
+    link, and file names this writer does not produce.
+    """
+    fix = (
+        f'write "URLs": ["<folder>/{FLAT_NAMES["transformer"]}"] and "text_encoder_URLs": '
+        f'["<folder>/{FLAT_NAMES["text_encoder"]}"], <folder> being a sub-folder name such as z_image_selftest'
+    )
+    if not urls or not text_encoder_urls:
+        raise CheckpointError(f"a self-test preset needs URLs and text_encoder_URLs: {fix}")
+    for key, value in (("URLs", urls[0]), ("text_encoder_URLs", text_encoder_urls[0])):
+        parts = PurePosixPath(value.replace("\\", "/"))
+        if "://" in value or parts.is_absolute() or Path(value).is_absolute() or ".." in parts.parts:
+            raise CheckpointError(f"self-test model.{key} {value!r} is not a path inside the checkpoints folder: {fix}")
+    entry = PurePosixPath(urls[0])
+    if entry.parent == PurePosixPath(".") or entry.name != FLAT_NAMES["transformer"]:
+        raise CheckpointError(f"self-test model.URLs {urls[0]!r} is not a file in a sub-folder of the checkpoints folder: {fix}")
+    if PurePosixPath(text_encoder_urls[0]) != entry.parent / FLAT_NAMES["text_encoder"]:
+        raise CheckpointError(f"self-test model.text_encoder_URLs {text_encoder_urls[0]!r} does not match URLs {urls[0]!r}: {fix}")
+    target = ckpts / entry.parent
+    if not target.resolve().is_relative_to(ckpts.resolve()):
+        raise CheckpointError(f"self-test folder {target} leads outside the checkpoints folder {ckpts} through a link: {fix}")
+    return target
+
+
+def missing_selftest_files(folder: Path) -> list[str]:
+    """Files of the flat layout (weights, configs, tokenizer) that `folder` lacks."""
+    names = [name for role, name in FLAT_NAMES.items() if role != "tokenizer"]
+    names += [f"{FLAT_NAMES['tokenizer']}/{name}" for name in TOKENIZER_FILES]
+    return [name for name in names if not (folder / name).is_file()]
+
+
+# ComfyUI / original single-file layout (REFERENCE.md section 5), spelled out by hand: these fixtures test
+# the converter, so they must not share its tables (a wrong split order there must make them disagree).
+COMFY_PREFIX = "model.diffusion_model."
 
 
 def comfy_state_dict(state_dict: dict[str, torch.Tensor], fuse_ffn: bool = False) -> dict[str, torch.Tensor]:
-    """Our (diffusers) transformer state dict -> ComfyUI names: the inverse of the converter's tables."""
-    splits = FUSED_SPLITS if fuse_ffn else FUSED_SPLITS[:1]
-    names = COMFY_NAMES + ((".feed_forward.w2.", ".feed_forward.net.2."),) if fuse_ffn else COMFY_NAMES
-    fused: dict[str, torch.Tensor] = {}
-    consumed: set[str] = set()
-    for fused_name, parts in splits:
-        for key in [k for k in state_dict if parts[0] in k]:
-            members = [key.replace(parts[0], part) for part in parts]
-            fused[key.replace(parts[0], fused_name)] = torch.cat([state_dict[m] for m in members])
-            consumed.update(members)
+    """Our (diffusers) transformer state dict -> a ComfyUI single file, each fused tensor concatenated by hand.
+
+    - `attention.qkv` = rows [to_q ; to_k ; to_v]: the order diffusers 0.42.1's own single-file converter
+      reads (`convert_z_image_transformer_checkpoint_to_diffusers`: `torch.chunk(qkv, 3)` -> q, k, v);
+    - with `fuse_ffn`, diffusers' SwiGLU `FeedForward` layout: `feed_forward.net.0.proj` = rows [w3 ; w1]
+      (`SwiGLU.forward`: `hidden, gate = proj(x).chunk(2)`, then `hidden * silu(gate)`, and in
+      `w2(silu(w1 x) * w3 x)` w1 is the gated one), `feed_forward.net.2` = w2;
+    - `attention.out`, `attention.q_norm` / `k_norm`, `x_embedder.`, `final_layer.`, the
+      `model.diffusion_model.` prefix, and ComfyUI's unused `norm_final.weight`.
+    """
+    rest = dict(state_dict)
     out: dict[str, torch.Tensor] = {}
-    for key, tensor in [*fused.items(), *((k, v) for k, v in state_dict.items() if k not in consumed)]:
-        for ours, theirs in names:
-            key = key.replace(ours, theirs)
-        out[TRANSFORMER_PREFIXES[0] + key] = tensor
-    out[TRANSFORMER_PREFIXES[0] + "norm_final.weight"] = torch.ones(state_dict["x_pad_token"].shape[-1])
-    return out
+    for q_key in [k for k in state_dict if k.endswith(".attention.to_q.weight")]:
+        block = q_key.removesuffix(".attention.to_q.weight")  # layers.N, noise_refiner.R or context_refiner.R
+        att, ffn = f"{block}.attention.", f"{block}.feed_forward."
+        q, k, v = (rest.pop(f"{att}{name}.weight") for name in ("to_q", "to_k", "to_v"))
+        out[f"{att}qkv.weight"] = torch.cat([q, k, v])  # (3 * dim, dim)
+        out[f"{att}out.weight"] = rest.pop(f"{att}to_out.0.weight")
+        out[f"{att}q_norm.weight"] = rest.pop(f"{att}norm_q.weight")
+        out[f"{att}k_norm.weight"] = rest.pop(f"{att}norm_k.weight")
+        if fuse_ffn:
+            w1, w3 = rest.pop(f"{ffn}w1.weight"), rest.pop(f"{ffn}w3.weight")
+            out[f"{ffn}net.0.proj.weight"] = torch.cat([w3, w1])  # (2 * hidden, dim): [hidden ; gate]
+            out[f"{ffn}net.2.weight"] = rest.pop(f"{ffn}w2.weight")
+    for key, tensor in rest.items():
+        for ours, theirs in (("all_x_embedder.2-1.", "x_embedder."), ("all_final_layer.2-1.", "final_layer.")):
+            if key.startswith(ours):
+                key = theirs + key.removeprefix(ours)
+        out[key] = tensor
+    out["norm_final.weight"] = torch.ones(state_dict["x_pad_token"].shape[-1])
+    return {COMFY_PREFIX + key: tensor for key, tensor in out.items()}
 
 
 def write_comfy_transformer(path: Path, seed: int = 0, fuse_ffn: bool = False) -> Path:

@@ -7,7 +7,6 @@ The engine is imported when a model is loaded, so discovery and settings checks 
 from __future__ import annotations
 
 import argparse
-import shutil
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path, PurePosixPath
@@ -43,6 +42,21 @@ SETTINGS_ORDER = (
     "cfg_truncation",
     "max_sequence_length",
 )
+# Each architecture's own defaults (REFERENCE.md sections 3-4), under a preset's values: a preset or
+# finetune that names an architecture and no settings runs as that model is meant to run.
+BASE_NEGATIVE_PROMPT = (
+    "low quality, worst quality, blurry, pixelated, noisy, artifacts, watermark, text, logo, bad anatomy, "
+    "bad hands, extra limbs"
+)
+ARCHITECTURE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "z_image": {"num_inference_steps": 8, "guidance_scale": 0.0, "flow_shift": 3.0, "negative_prompt": ""},
+    "z_image_base": {
+        "num_inference_steps": 30,
+        "guidance_scale": 4.0,
+        "flow_shift": 6.0,
+        "negative_prompt": BASE_NEGATIVE_PROMPT,
+    },
+}
 WEIGHT_SUFFIXES = {".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf"}
 
 
@@ -64,9 +78,13 @@ class ZImageHandler:
         return {}
 
     def update_default_settings(self, model_type: str, model_def: Mapping[str, Any], settings: dict[str, Any]) -> None:
-        """Fallback values of every setting Z-Image accepts (the presets carry the real defaults)."""
+        """Every setting Z-Image accepts, with `model_type`'s own defaults (Turbo: 8 steps, no guidance,
+        shift 3; Base: 30 steps, guidance 4, shift 6, a negative prompt); a preset's values override them."""
+        if model_type not in ARCHITECTURE_DEFAULTS:
+            raise ValueError(f"unknown Z-Image architecture {model_type!r} (known: {', '.join(ARCHITECTURE_DEFAULTS)})")
         engine = {f.name: f.default for f in fields(GenerationSettings)}
         engine.update(prompt="", resolution=f"{engine.pop('width')}x{engine.pop('height')}", cfg_normalization=False)
+        engine.update(ARCHITECTURE_DEFAULTS[model_type])
         for key in SETTINGS_ORDER:
             settings.setdefault(key, engine[key])
 
@@ -122,17 +140,11 @@ class ZImageHandler:
         return ZImagePipeline.from_components(components_from_files(files), load)
 
     def write_selftest_files(self, model_type: str, model_def: Mapping[str, Any], ckpts: Path) -> None:
-        """Write the tiny random model where the self-test preset's URLs point, once (atomically)."""
-        from models.z_image.tiny_z_image import FLAT_NAMES, write_flat_layout
+        """Write the tiny random model into the self-test preset's sub-folder of `ckpts`, adding only
+        missing files; a preset pointing anywhere else is refused (models/z_image/tiny_z_image.py)."""
+        from models.z_image.tiny_z_image import write_selftest_layout
 
-        target = ckpts / PurePosixPath(model_def["URLs"][0]).parent
-        if all((target / name).exists() for name in FLAT_NAMES.values()):
-            return
-        staging = target.with_name(f".{target.name}.partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        write_flat_layout(staging, seed=0)
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
+        write_selftest_layout(model_def.get("URLs"), model_def.get("text_encoder_URLs"), ckpts)
 
 
 def components_from_files(files: Mapping[str, Path]) -> Any:
