@@ -293,6 +293,47 @@ def test_converter_tables_invert_the_comfy_export(tiny_flat_layout: dict[str, Pa
             assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
 
 
+def test_comfy_file_agrees_with_diffusers_single_file_converter(
+    tiny_comfy_file: Path, tiny_diffusers_folder: Path
+) -> None:
+    """diffusers' own converter (qkv rows q, k, v) is the reference for the ComfyUI layout, not our tables:
+    it reads our fixture into the diffusers weights, and our converter must give the same tensors."""
+    from diffusers import ZImageTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
+
+    reference = load_file(tiny_diffusers_folder / "transformer" / "diffusion_pytorch_model.safetensors")
+    theirs = convert_z_image_transformer_checkpoint_to_diffusers(load_file(tiny_comfy_file))
+    assert theirs.keys() == reference.keys() and all(torch.equal(theirs[k], reference[k]) for k in reference)
+    ours = convert_state_dict(load_file(tiny_comfy_file))
+    assert ours.keys() == theirs.keys()
+    assert [k for k in theirs if not torch.equal(ours[k], theirs[k])] == []
+    model = ZImageTransformer2DModel.from_single_file(
+        str(tiny_comfy_file), config=str(tiny_diffusers_folder), subfolder="transformer", local_files_only=True
+    )
+    ours_loaded = load_transformer(tiny_comfy_file, None, F32).state_dict()
+    assert all(torch.equal(ours_loaded[k], v) for k, v in model.state_dict().items())
+
+
+def test_fused_ffn_means_what_diffusers_swiglu_feedforward_means(tiny_comfy_fused_ffn_file: Path) -> None:
+    """A fused `feed_forward.net.0.proj` / `net.2` pair is diffusers' `FeedForward(activation_fn="swiglu")`:
+    that module, given the file's two tensors, must compute what our loaded block's FFN computes.
+    (diffusers' Z-Image single-file converter does not handle a fused FFN, so this is the reference.)"""
+    from diffusers.models.attention import FeedForward
+
+    state = load_file(tiny_comfy_fused_ffn_file)
+    model = load_transformer(tiny_comfy_fused_ffn_file, None, F32)
+    dim, hidden = TINY_CONFIG.dim, TINY_CONFIG.ffn_dim
+    x = torch.randn(5, dim, generator=torch.Generator().manual_seed(2))
+    for block, ffn in (("layers.1", model.layers[1].feed_forward), ("noise_refiner.0", model.noise_refiner[0].feed_forward)):
+        prefix = f"model.diffusion_model.{block}.feed_forward."
+        reference = FeedForward(dim, inner_dim=hidden, activation_fn="swiglu", bias=False)
+        reference.load_state_dict({"net.0.proj.weight": state[prefix + "net.0.proj.weight"],
+                                   "net.2.weight": state[prefix + "net.2.weight"]})  # fmt: skip
+        with torch.no_grad():
+            expected, got = reference(x), ffn(x)
+        assert expected.abs().mean() > 1e-3 and torch.allclose(got, expected, rtol=1e-5, atol=1e-6), block
+
+
 def test_unexpected_keys_are_reported_and_scaled_fp8_refused(
     tiny_comfy_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

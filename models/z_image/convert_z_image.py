@@ -35,10 +35,12 @@ KEY_RENAMES: tuple[tuple[str, str], ...] = (
 
 # Fused tensors split row-wise into equal parts, in this order.
 FUSED_SPLITS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    (".attention.qkv.", (".attention.to_q.", ".attention.to_k.", ".attention.to_v.")),  # rows q, k, v
-    # Fused SwiGLU input projection: first half w3, second half w1, as one public converter does
-    # (the diffusers GEGLU-style `hidden, gate = proj(x).chunk(2)`, gate through SiLU). Not confirmed
-    # against a real fused file: if such a file gives wrong images, swap these two.
+    # Rows q, k, v: what diffusers' own single-file converter reads (tests/test_loading.py checks ours against it).
+    (".attention.qkv.", (".attention.to_q.", ".attention.to_k.", ".attention.to_v.")),
+    # Fused SwiGLU input projection, diffusers' `FeedForward(activation_fn="swiglu")` naming: its
+    # `hidden, gate = proj(x).chunk(2)` then `hidden * silu(gate)` makes the first half w3 and the second w1
+    # (tested against that module; a public nunchaku-style converter writes `cat([w3, w1])` too). No real
+    # fused-FFN Z-Image file has been tested: if such a file gives wrong images, swap these two.
     (".feed_forward.net.0.proj.", (".feed_forward.w3.", ".feed_forward.w1.")),
 )
 
