@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.errors import NonFiniteOutputError
+from common.errors import NonFiniteOutputError, SettingsError
 from common.sampling import Guidance, apply_guidance, denoise, get_sigmas
 from models.z_image.settings_z_image import GenerationSettings
 from models.z_image.transformer_z_image import ZImageConfig, ZImageTransformer
@@ -26,7 +26,7 @@ from models.z_image.transformer_z_image import ZImageConfig, ZImageTransformer
 log = logging.getLogger(__name__)
 
 LATENT_CHANNELS = 16
-VAE_FACTOR = 8
+VAE_FACTOR = 8  # the released VAE's; a pipeline reads its own VAE's factor (`ZImagePipeline.vae_scale_factor`)
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class StepEvent:
     step: int  # 1-based
     total: int
     elapsed_s: float
-    latents: torch.Tensor  # (B, 16, H/8, W/8) fp32
+    latents: torch.Tensor  # (B, 16, H/f, W/f) fp32, f = the VAE's scale factor (8 for the released VAE)
 
 
 @dataclass
@@ -169,11 +169,28 @@ class ZImagePipeline:
 
     # -- 2. noise -------------------------------------------------------------------------------
 
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel along a side: the VAE halves the size at every level but the
+        last, as diffusers computes it (8 for the released VAE's four levels)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def check_size(self, width: int, height: int) -> None:
+        """Both sides must be multiples of VAE factor x patch size (16 for the released model)."""
+        multiple = self.vae_scale_factor * self.transformer.config.all_patch_size[0]
+        for key, value in (("width", width), ("height", height)):
+            if value % multiple:
+                low = max(multiple, value // multiple * multiple)
+                raise SettingsError(
+                    f"{key} must be a multiple of {multiple} for this model's VAE (got {value}); "
+                    f"nearest valid sizes: {low} or {low + multiple}"
+                )
+
     @staticmethod
-    def prepare_latents(batch: int, width: int, height: int, seed: int) -> torch.Tensor:
+    def prepare_latents(batch: int, width: int, height: int, seed: int, vae_factor: int = VAE_FACTOR) -> torch.Tensor:
         """fp32 noise from a CPU generator, so a seed gives the same image on any device."""
         generator = torch.Generator("cpu").manual_seed(seed)
-        shape = (batch, LATENT_CHANNELS, height // VAE_FACTOR, width // VAE_FACTOR)
+        shape = (batch, LATENT_CHANNELS, height // vae_factor, width // vae_factor)
         return torch.randn(shape, generator=generator, dtype=torch.float32)
 
     # -- 3. denoise -----------------------------------------------------------------------------
@@ -221,6 +238,7 @@ class ZImagePipeline:
     ) -> GenerationResult:
         """Generate `batch_size` images for one prompt. on_step may raise GenerationCancelled."""
         s = settings if isinstance(settings, GenerationSettings) else GenerationSettings.from_dict(dict(settings))
+        self.check_size(s.width, s.height)
         seed = s.seed if s.seed >= 0 else secrets.randbelow(2**32)
         guidance = Guidance(s.guidance_scale, s.cfg_normalization, s.cfg_truncation)
         timings: dict[str, float] = {}
@@ -232,7 +250,7 @@ class ZImagePipeline:
             self.text_encoder = None  # loaded on demand: do not keep it beside the transformer
         timings["text_encoding_s"] = time.perf_counter() - start
 
-        latents = self.prepare_latents(s.batch_size, s.width, s.height, seed).to(self.device)
+        latents = self.prepare_latents(s.batch_size, s.width, s.height, seed, self.vae_scale_factor).to(self.device)
         sigmas = get_sigmas(s.num_inference_steps, s.flow_shift).to(self.device)
         pos_list = [pos.embeds] * s.batch_size
         neg_list = [neg.embeds] * s.batch_size if neg is not None else []

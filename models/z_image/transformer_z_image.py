@@ -39,6 +39,8 @@ class ZImageConfig:
     n_layers: int = 30
     n_refiner_layers: int = 2
     n_heads: int = 30
+    # Read and ignored, as diffusers does: attention is full multi-head (k and v have n_heads heads), so
+    # a config that says otherwise loads when its weights have Z-Image's shapes (checked on load).
     n_kv_heads: int = 30
     norm_eps: float = 1e-5
     qk_norm: bool = True
@@ -54,8 +56,6 @@ class ZImageConfig:
             raise ValueError(f"axes_dims {self.axes_dims} must sum to dim / n_heads = {head_dim}")
         if any(d % 2 for d in self.axes_dims):
             raise ValueError(f"axes_dims {self.axes_dims} must all be even (RoPE rotates pairs)")
-        if self.n_kv_heads != self.n_heads:
-            raise ValueError("Z-Image uses full multi-head attention: n_kv_heads must equal n_heads")
 
     @property
     def head_dim(self) -> int:
