@@ -156,14 +156,39 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     """
     if _KERNEL is None:
         return sdpa(q, k, v, key_mask)
+    reason = kernel_skip_reason(q, key_mask)
+    if reason is not None:
+        _warn_once(f"skip:{_BACKEND}:{reason}", f"{_BACKEND} attention {reason}; those calls use sdpa")
+        return sdpa(q, k, v, key_mask)
+    try:
+        return _KERNEL(q, k, v)
+    except KERNEL_FAILURES as exc:
+        return _fall_back_after_failure(exc, q, k, v)
+
+
+def kernel_skip_reason(q: torch.Tensor, key_mask: torch.Tensor | None) -> str | None:
+    """Why the optional kernel cannot take this call (None: it can)."""
     if key_mask is not None:
         # Masks only pad a CFG batch whose prompts differ in length; the optional kernels take no mask.
-        _warn_once(f"mask:{_BACKEND}", f"{_BACKEND} attention takes no key mask; masked calls use sdpa")
-        return sdpa(q, k, v, key_mask)
+        return "takes no key mask"
     if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
-        _warn_once(
-            f"dtype:{_BACKEND}",
-            f"{_BACKEND} attention needs fp16/bf16 CUDA tensors, got {q.dtype} on {q.device}; using sdpa",
-        )
-        return sdpa(q, k, v, key_mask)
-    return _KERNEL(q, k, v)
+        return f"needs fp16/bf16 CUDA tensors, got {q.dtype} on {q.device}"
+    return None
+
+
+# What an optional kernel raises at run time when it cannot run here after all (an import that worked,
+# then "no kernel image for this GPU", an unsupported head dim, a version mismatch, ...).
+KERNEL_FAILURES = (RuntimeError, TypeError, ValueError, AssertionError, NotImplementedError)
+
+
+def _fall_back_after_failure(exc: Exception, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Switch to SDPA for the rest of the run (one warning) and answer this call with it."""
+    global _BACKEND, _KERNEL
+    failed = _BACKEND
+    _BACKEND, _KERNEL = "sdpa", None
+    _warn_once(
+        f"failed:{failed}",
+        f"{failed} attention failed at run time ({type(exc).__name__}: {exc}); using sdpa from now on "
+        f"(choose it directly with --attention sdpa)",
+    )
+    return sdpa(q, k, v)

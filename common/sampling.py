@@ -23,9 +23,9 @@ def get_sigmas(num_steps: int, shift: float) -> torch.Tensor:
         raise ValueError(f"num_steps must be >= 1 (got {num_steps})")
     if shift <= 0:
         raise ValueError(f"flow shift must be > 0 (got {shift})")
-    sigmas = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float32)
+    sigmas = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float32, device="cpu")
     sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
-    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float32)])
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float32, device="cpu")])
 
 
 @dataclass(frozen=True)

@@ -77,10 +77,44 @@ def reset_peak_memory(device: str) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+@dataclass(frozen=True)
+class VramPeak:
+    """Peak GPU memory of a run, in GB. `allocated`: tensors; `reserved`: what torch's caching allocator
+    held (tensors plus its slack); `context`: what the device uses beyond torch's reservation now (the
+    CUDA context, kernels, and other processes). A card runs out when reserved + context reaches its size."""
+
+    allocated: float
+    reserved: float
+    context: float
+
+    @property
+    def total(self) -> float:
+        return self.reserved + self.context
+
+    def label(self) -> str:
+        return (
+            f"peak VRAM (allocated {self.allocated:.2f} GB, reserved {self.reserved:.2f} GB, "
+            f"CUDA context and other processes {self.context:.2f} GB)"
+        )
+
+
+def vram_peak(device: str) -> VramPeak:
+    """The peak since `reset_peak_memory` on a CUDA device."""
+    free, total = torch.cuda.mem_get_info(device)
+    reserved_now = torch.cuda.memory_reserved(device)
+    return VramPeak(
+        allocated=torch.cuda.max_memory_allocated(device) / 1e9,
+        reserved=torch.cuda.max_memory_reserved(device) / 1e9,
+        context=max(0, total - free - reserved_now) / 1e9,
+    )
+
+
 def peak_memory_gb(device: str) -> tuple[float, str]:
-    """(GB, what was measured): peak VRAM on CUDA, the process's peak RSS on the CPU."""
+    """(GB, what was measured): on CUDA the peak reserved VRAM plus the context (what decides whether a
+    card runs out; the label gives allocated, reserved and context apart), the process's peak RSS on the CPU."""
     if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) / 1e9, "peak VRAM"
+        peak = vram_peak(device)
+        return peak.total, peak.label()
     try:
         import resource
     except ImportError:  # Windows: no peak counter, the current RSS is the best we have

@@ -92,8 +92,8 @@ class _ModuleHook:
         if plain:
             self.down = torch.cat([e.delta.factors["down"] for e in plain], dim=0)
             self.up = torch.cat([e.delta.factors["up"] for e in plain], dim=1)
-            self.owner = torch.cat([torch.full((e.delta.rank,), e.lora) for e in plain])
-            self.col_scale = torch.cat([torch.full((e.delta.rank,), e.delta.scale) for e in plain])
+            self.owner = torch.cat([torch.full((e.delta.rank,), e.lora, device="cpu") for e in plain])
+            self.col_scale = torch.cat([torch.full((e.delta.rank,), e.delta.scale, device="cpu") for e in plain])
 
     def _fit(self, x: torch.Tensor) -> None:
         """Move every factor to x's device and dtype once (first call, or after the model moved)."""
@@ -114,7 +114,7 @@ class _ModuleHook:
         out = output
         if self.down is not None:
             if self._vec_version != self.state.version:
-                m = torch.tensor(mults, dtype=torch.float32)[self.owner] * self.col_scale
+                m = torch.tensor(mults, dtype=torch.float32, device="cpu")[self.owner] * self.col_scale
                 self._vec, self._vec_version = m.to(x), self.state.version
             out = out + ((x @ self.down.T) * self._vec) @ self.up.T
         for e in self.others:

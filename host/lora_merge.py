@@ -102,7 +102,7 @@ def merge_loras(
         worst = min(worst, energy)
         sd[f"transformer.{name}.lora_A.weight"] = down.contiguous()
         sd[f"transformer.{name}.lora_B.weight"] = up.contiguous()
-        sd[f"transformer.{name}.alpha"] = torch.tensor(float(down.shape[0]))
+        sd[f"transformer.{name}.alpha"] = torch.tensor(float(down.shape[0]), device="cpu")
         biases = [w * d.bias.float() for w, d in parts if d.bias is not None]
         if biases:
             sd[f"transformer.{name}.diff_b"] = sum(biases)

@@ -18,12 +18,13 @@ from typing import Any
 from host import offload as offload_mod
 from host.guards import compute_dtype, guard_vae_decode
 from host.prompt_cache import attach_prompt_cache, file_identity
-from host.quantize import is_quantized, load_quanto, quantize_model
+from host.quantize import cpu_safe_int8, is_quantized, load_quanto, quantize_model, set_int8_dtype
 from host.vae_tiling import TilingOptions, enable_tiling
 
 log = logging.getLogger(__name__)
 
 LOW_VRAM_PROFILES = (2, 4, 5)  # mmgp profiles that stream the transformer: VRAM is the limit
+INT8_PARTS = ("transformer", "text_encoder")  # the parts that may hold int8 layers
 
 
 def load_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -43,8 +44,13 @@ def load_options(options: Mapping[str, Any]) -> dict[str, Any]:
         "device": offload_mod.load_device(device, profile),
         "compute_device": device,
         "keep_text_encoder": offload_mod.uses_mmgp(device, profile),
-        "quantized_loader": load_quanto,
+        "quantized_loader": load_quanto if str(device).startswith("cuda") else _load_quanto_cpu,
     }
+
+
+def _load_quanto_cpu(model: Any, files: list[Path], dtype: Any, device: Any) -> Any:
+    """`load_quanto` for a model that computes on the CPU: its int8 layers always compute in fp32."""
+    return cpu_safe_int8(load_quanto(model, files, dtype, device))
 
 
 def apply_lowvram(model: Any, options: Mapping[str, Any], files: Mapping[str, Path] | None = None) -> Any:
@@ -58,7 +64,8 @@ def apply_lowvram(model: Any, options: Mapping[str, Any], files: Mapping[str, Pa
     transformer = getattr(model, "transformer", None)
     if options.get("quantization") == "int8" and transformer is not None and not is_quantized(transformer):
         log.info("no int8 file for the transformer: quantizing it on the fly")
-        quantize_model(transformer)
+        quantize_model(transformer, dtype=options.get("dtype"))
+    _align_int8(model, device, options.get("dtype"))
     if hasattr(model, "encode_prompt"):
         attach_prompt_cache(model, file_identity(files.get("text_encoder")))
     vae = getattr(model, "vae", None)
@@ -68,9 +75,21 @@ def apply_lowvram(model: Any, options: Mapping[str, Any], files: Mapping[str, Pa
     profile = offload_mod.resolve_profile(options.get("profile", "auto"), device)
     if profile in LOW_VRAM_PROFILES and hasattr(model, "batch_cfg"):
         model.batch_cfg = False  # guidance branches one after the other: half the activation memory
-    handle = offload_mod.apply_offload(model, options.get("profile", "auto"), device)
+    handle = offload_mod.apply_offload(model, options.get("profile", "auto"), device, options.get("dtype"))
     _release_after_generation(model, handle)
     return model
+
+
+def _align_int8(model: Any, device: str, dtype: Any) -> None:
+    """int8 layers compute in the compute dtype (their scales decide it); on the CPU always in fp32."""
+    for name in INT8_PARTS:
+        part = getattr(model, name, None)
+        if part is None or not is_quantized(part):
+            continue
+        if not str(device).startswith("cuda"):
+            cpu_safe_int8(part)
+        elif dtype is not None:
+            set_int8_dtype(part, dtype)
 
 
 def _release_after_generation(model: Any, handle: offload_mod.OffloadHandle) -> None:

@@ -77,10 +77,11 @@ class OffloadHandle:
             torch.cuda.empty_cache()
 
 
-def apply_offload(pipe: Any, profile: int | str | None, device: str) -> OffloadHandle:
+def apply_offload(pipe: Any, profile: int | str | None, device: str, dtype: torch.dtype | None = None) -> OffloadHandle:
     """Offload the pipeline's parts (attributes text_encoder, transformer, vae) with mmgp's `profile`.
 
     The parts must have been loaded on the CPU (`load_device`); the pipeline's `device` becomes `device`.
+    dtype: the compute dtype of the transformer and text encoder (default: the transformer's).
     """
     global _LOGGED_CPU
     number = resolve_profile(profile, device)
@@ -96,10 +97,63 @@ def apply_offload(pipe: Any, profile: int | str | None, device: str) -> OffloadH
     missing = [name for name, part in parts.items() if part is None]
     if missing:
         raise SettingsError(f"offload needs every part loaded; missing: {', '.join(missing)}")
-    # Quantization is our own transform (host/quantize.py), applied before: mmgp must not quantize again.
-    manager = offload.profile(
-        parts, profile_no=number, quantizeTransformer=False, extraModelsToQuantize=[], verboseLevel=0
-    )
+    dtype = dtype or _float_dtype(parts["transformer"])
+    keep_precision(parts)
+    select_gpu(device)
+    previous = torch.get_default_device()
+    try:
+        # Quantization is our own transform (host/quantize.py), applied before: mmgp must not quantize
+        # again. mmgp turns every fp32 weight left into `convertWeightsFloatTo` (bf16 by default): the
+        # compute dtype keeps an fp32 choice fp32 (GPUs without bf16) and casts nothing in bf16.
+        manager = offload.profile(
+            parts,
+            profile_no=number,
+            quantizeTransformer=False,
+            extraModelsToQuantize=[],
+            convertWeightsFloatTo=dtype,
+            verboseLevel=0,
+        )
+    finally:
+        restore_default_device(previous)
     pipe.device = torch.device(device)
     log.info("offload: mmgp profile %d (%s)", number, PROFILES[number])
     return OffloadHandle(number, manager)
+
+
+def keep_precision(parts: dict[str, Any]) -> None:
+    """Mark what mmgp must not cast, with the attributes its `profile` reads.
+
+    - `_model_dtype` on every part: mmgp converts a part's fp32 weights to it and casts the fp32 inputs of
+      the part's top-level modules to it. The VAE stays in its own dtype (fp32: the guard's advice).
+    - `_lock_dtype = float32` on the modules a part declares in `fp32_input_modules` (module names, "" for
+      the part itself): mmgp's wrappers would cast their fp32 inputs (the transformer's timestep, t * 1000,
+      which bf16 rounds by 2-4 units above 512) to the part's dtype.
+    """
+    for name, part in parts.items():
+        if part is None:
+            continue
+        part._model_dtype = _float_dtype(part)
+        for module_name in getattr(part, "fp32_input_modules", ()):
+            part.get_submodule(module_name)._lock_dtype = torch.float32
+        log.debug("offload: %s kept in %s, fp32 inputs of %s", name, part._model_dtype, getattr(part, "fp32_input_modules", ()))
+
+
+def select_gpu(device: str) -> None:
+    """mmgp moves everything with `.cuda()`, i.e. to the current GPU: make `cuda:N` the current one."""
+    index = torch.device(device).index
+    if index is not None:
+        torch.cuda.set_device(index)
+
+
+def restore_default_device(previous: torch.device) -> None:
+    """mmgp's `profile` ends with `torch.set_default_device('cuda')`; put the caller's default back, so
+    tensors created without a device (noise from a CPU generator, previews, reloads) stay where they were."""
+    torch.set_default_device(None if previous.type == "cpu" else previous)
+
+
+def _float_dtype(module: Any) -> torch.dtype:
+    """The dtype of the module's first floating-point tensor that is not an int8 layer's (fp32 if none)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point() and type(tensor) in (torch.Tensor, torch.nn.Parameter):
+            return tensor.dtype
+    return torch.float32

@@ -53,8 +53,8 @@ def latents_to_rgb(latents: torch.Tensor) -> Image.Image | None:
     x = latents[0] if latents.ndim == 4 else latents  # (16, h, w)
     if x.ndim != 3 or x.shape[0] != LATENT_CHANNELS:
         return None
-    factors = torch.tensor(FLUX_LATENT_RGB, dtype=torch.float32)  # (16, 3)
-    bias = torch.tensor(FLUX_LATENT_RGB_BIAS, dtype=torch.float32)
+    factors = torch.tensor(FLUX_LATENT_RGB, dtype=torch.float32, device="cpu")  # (16, 3)
+    bias = torch.tensor(FLUX_LATENT_RGB_BIAS, dtype=torch.float32, device="cpu")
     rgb = torch.einsum("chw,cd->hwd", x.detach().float().cpu(), factors) + bias  # (h, w, 3) in ~[-1, 1]
     array = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     image = Image.fromarray(np.ascontiguousarray(array))

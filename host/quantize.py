@@ -54,11 +54,15 @@ def is_quantized(model: nn.Module) -> bool:
 # -- on-the-fly quantization -----------------------------------------------------------------------
 
 
-def quantize_model(model: nn.Module, include: Callable[[str], bool] | None = None) -> list[str]:
+def quantize_model(
+    model: nn.Module, include: Callable[[str], bool] | None = None, dtype: torch.dtype | None = None
+) -> list[str]:
     """Replace the selected full-precision Linears by int8 `QLinear`s (per-row absmax scales), in place.
 
-    include(name) picks modules (default: those under `layers.N.`). One layer at a time, so the peak is
-    the model plus one layer. Returns the quantized module names.
+    include(name) picks modules (default: those under `layers.N.`). dtype: the compute dtype; each Linear is
+    cast to it before quantizing, so the scales (which set the dtype a qint8 layer computes in) match the
+    rest of the model (None keeps the Linear's dtype). One layer at a time, so the peak is the model plus
+    one layer. Returns the quantized module names.
     """
     from optimum.quanto import QLinear, QModuleMixin, qint8
 
@@ -68,12 +72,78 @@ def quantize_model(model: nn.Module, include: Callable[[str], bool] | None = Non
     ]
     for name in names:
         linear = model.get_submodule(name)
+        if dtype is not None and linear.weight.dtype != dtype:
+            linear = linear.to(dtype)
         qlinear = QLinear.from_module(linear, weights=qint8)
         with torch.no_grad():
             qlinear.freeze()  # the float weight is replaced by int8 data + per-row scale
         _set_submodule(model, name, qlinear)
     log.info("quantized %d Linear layers to int8 on the fly", len(names))
     return names
+
+
+# -- the dtype int8 layers compute in --------------------------------------------------------------
+#
+# A qint8 layer computes in the dtype of its scales: quanto casts the activations to it (CUDA and CPU).
+# Scales that disagree with the rest of the model give mixed dtypes (e.g. `v` in fp32 beside `q`/`k`
+# in bf16, which SDPA refuses), so they follow the compute dtype. On the CPU, bf16 activations send
+# quanto to `torch._weight_int8pack_mm`, a native kernel that has killed the whole process on CPUs
+# without native bf16 (an AMD EPYC with AVX2 only): there, int8 layers always compute in fp32 through
+# quanto's plain path (int8 weights times fp32 scales, then an fp32 matmul), whatever the input dtype.
+
+
+def set_int8_dtype(model: nn.Module, dtype: torch.dtype) -> int:
+    """Cast the scales (and biases) of every int8 layer to `dtype`, in place; returns how many changed."""
+    from optimum.quanto import QModuleMixin
+
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, QModuleMixin) or not module.frozen:
+            continue
+        weight = module.weight
+        if weight._scale.dtype != dtype:
+            module.weight = nn.Parameter(_with_scale_dtype(weight, dtype), requires_grad=False)
+            changed += 1
+        if module.bias is not None and module.bias.dtype != dtype:
+            module.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+    return changed
+
+
+def cpu_safe_int8(model: nn.Module) -> nn.Module:
+    """Make every int8 layer compute in fp32 on the CPU (never `_weight_int8pack_mm`), in place.
+
+    Scales become fp32, and a pre-hook casts a layer's input to fp32 (its output goes back to the input's
+    dtype, so the surrounding layers see what they expect). Idempotent; returns the model.
+    """
+    from optimum.quanto import QModuleMixin
+
+    set_int8_dtype(model, torch.float32)
+    for module in model.modules():
+        if isinstance(module, QModuleMixin) and not getattr(module, "_wgp_cpu_safe", False):
+            module.register_forward_pre_hook(_inputs_to_fp32)
+            module.register_forward_hook(_output_to_input_dtype)
+            module._wgp_cpu_safe = True
+    return model
+
+
+def _inputs_to_fp32(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    x = args[0]
+    module._wgp_input_dtype = x.dtype
+    return (x.float(), *args[1:]) if x.dtype != torch.float32 else args
+
+
+def _output_to_input_dtype(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+    dtype = getattr(module, "_wgp_input_dtype", torch.float32)
+    return output.to(dtype) if output.dtype != dtype else output
+
+
+def _with_scale_dtype(weight: Any, dtype: torch.dtype) -> Any:
+    """The same int8 data with its per-row scale in `dtype` (a quanto weight's dtype cannot be changed in place)."""
+    from optimum.quanto.tensor.weights.qbytes import WeightQBytesTensor
+
+    return WeightQBytesTensor.create(
+        weight.qtype, weight.axis, weight.size(), weight.stride(), weight._data, weight._scale.to(dtype), weight.activation_qtype
+    )
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -58,10 +58,10 @@ def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
 
 def blend_ramp(length: int, overlap: int, at_start: bool, at_end: bool) -> torch.Tensor:
     """1-D weights (length,): linear ramp over `overlap` at inner edges, 1 at image borders."""
-    w = torch.ones(length)
+    w = torch.ones(length, device="cpu")
     if overlap <= 0:
         return w
-    ramp = (torch.arange(overlap, dtype=torch.float32) + 0.5) / overlap
+    ramp = (torch.arange(overlap, dtype=torch.float32, device="cpu") + 0.5) / overlap
     if not at_start:
         w[:overlap] = torch.minimum(w[:overlap], ramp)
     if not at_end:

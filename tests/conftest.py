@@ -43,3 +43,17 @@ def tiny_comfy_fused_ffn_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     folder = tmp_path_factory.mktemp("tiny_comfy_ffn")
     return write_comfy_transformer(folder / "z_image_comfy_ffn.safetensors", seed=TINY_SEED, fuse_ffn=True)
+
+
+# -- tests that could crash the process run in their own ----------------------------------------
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """`@pytest.mark.isolated` tests run in a child process (tests/fixtures/isolation.py)."""
+    from tests.fixtures.isolation import in_child, run_isolated
+
+    if pyfuncitem.get_closest_marker("isolated") is None or in_child():
+        return None
+    run_isolated(pyfuncitem)
+    return True

@@ -13,7 +13,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from common.errors import CheckpointError
-from host.quantize import is_quantized, load_quanto, quantization_map, quantize_model, save_quantized
+from host.quantize import (
+    cpu_safe_int8,
+    is_quantized,
+    load_quanto,
+    quantization_map,
+    quantize_model,
+    save_quantized,
+    set_int8_dtype,
+)
 from models.z_image import loading_z_image as loading
 from models.z_image.tiny_z_image import TINY_CONFIG
 
@@ -153,8 +161,21 @@ def test_text_encoder_int8_file(hooked: None, tmp_path: Path, tiny_flat_layout: 
     assert _rel_err(a, c) < 0.03
 
 
-def test_mmgp_loads_our_file(hooked: None, tmp_path: Path, tiny_flat_layout: dict[str, Path]) -> None:
-    """Wan2GP's loader (mmgp `load_model_data`, on the CPU) reads what `save_quantized` writes."""
+def _refuse_int8pack(*args: object) -> None:
+    raise RuntimeError("reached torch._weight_int8pack_mm (the CPU kernel that has crashed pytest)")
+
+
+@pytest.mark.isolated
+def test_mmgp_loads_our_file(
+    hooked: None, tmp_path: Path, tiny_flat_layout: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Wan2GP's loader (mmgp `load_model_data`, on the CPU) reads what `save_quantized` writes.
+
+    This test used to load in bf16 and run the model on the CPU: quanto then sends bf16 activations to
+    `torch._weight_int8pack_mm`, which killed the whole pytest process on an AMD EPYC without native
+    bf16. On the CPU the product computes int8 layers in fp32 (`cpu_safe_int8`); the kernel is replaced
+    by one that raises, so reaching it fails this test instead of crashing the run.
+    """
     from accelerate import init_empty_weights
 
     from host.mmgp_import import import_mmgp_offload
@@ -164,11 +185,50 @@ def test_mmgp_loads_our_file(hooked: None, tmp_path: Path, tiny_flat_layout: dic
     offload = import_mmgp_offload()
     with init_empty_weights(include_buffers=False):
         model = ZImageTransformer(TINY_CONFIG)
-    offload.load_model_data(model, str(path), default_dtype=torch.bfloat16, writable_tensors=False)
+    offload.load_model_data(model, str(path), default_dtype=F32, writable_tensors=False)
     assert is_quantized(model)
-    ours = loading.load_transformer(path, TINY_CONFIG, torch.bfloat16, "cpu")
+    cpu_safe_int8(model)
+    ours = loading.load_transformer(path, TINY_CONFIG, F32, "cpu")
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", _refuse_int8pack)
     latents, t, captions = _inputs()
-    captions = [c.bfloat16() for c in captions]
     with torch.no_grad():
-        out, expected = model(latents, t, captions).float(), ours(latents, t, captions).float()
+        out, expected = model(latents, t, captions), ours(latents, t, captions)
     assert torch.isfinite(out).all() and _rel_err(out, expected) < 1e-2
+
+
+@pytest.mark.isolated
+def test_cpu_int8_layers_never_reach_the_int8pack_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 activations into a qint8 layer on the CPU would reach `_weight_int8pack_mm`; after
+    `cpu_safe_int8` the layer computes in fp32 (scales fp32) and hands back the input's dtype."""
+    from optimum.quanto import QLinear, qint8
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        reference = linear(x)
+        layer = QLinear.from_module(linear.to(torch.bfloat16), weights=qint8)
+        layer.freeze()
+    container = torch.nn.Sequential(layer)
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", _refuse_int8pack)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="int8pack"):
+        container(x.bfloat16())  # the unguarded path goes to the kernel (here: the refusing stand-in)
+    cpu_safe_int8(container)
+    cpu_safe_int8(container)  # idempotent: one pair of hooks
+    assert layer.weight._scale.dtype == F32 and layer.bias.dtype == F32
+    assert len(layer._forward_pre_hooks) == 1
+    with torch.no_grad():
+        out = container(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert _rel_err(out.float(), reference) < 0.02  # int8 weights + bf16 rounding of x and of the output
+
+
+def test_scales_follow_the_compute_dtype(tiny_flat_layout: dict[str, Path]) -> None:
+    """Quantizing an fp32-loaded model for a bf16 run gives bf16 scales (a qint8 layer computes in its
+    scale's dtype: fp32 scales beside bf16 norms gave SDPA mixed q/k/v dtypes); `set_int8_dtype` recasts."""
+    model = loading.load_transformer(tiny_flat_layout["transformer"], None, F32)
+    quantize_model(model, dtype=torch.bfloat16)
+    layer = model.get_submodule("layers.0.attention.to_v")
+    assert layer.weight._scale.dtype == torch.bfloat16 and layer.weight._data.dtype == torch.int8
+    assert set_int8_dtype(model, F32) == len(quantization_map(model))
+    assert layer.weight._scale.dtype == F32 and set_int8_dtype(model, F32) == 0

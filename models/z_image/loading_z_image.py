@@ -178,7 +178,7 @@ def _build_on_meta(build: Callable[[], nn.Module]) -> nn.Module:
     """Parameters on the meta device; buffers (e.g. rotary tables computed in __init__) stay real."""
     from accelerate import init_empty_weights
 
-    with init_empty_weights(include_buffers=False):
+    with torch.device("cpu"), init_empty_weights(include_buffers=False):  # never the caller's default device
         return build()
 
 
@@ -310,7 +310,9 @@ def load_text_encoder(
     path = Path(path)
     if path.is_dir():
         WeightFiles(weight_files(path, stem="model"))  # validates the files first, for a clear error
-        return Qwen3Model.from_pretrained(path, dtype=dtype, local_files_only=True).to(device).eval()
+        with torch.device("cpu"):  # built in RAM first, whatever default device a library left set
+            model = Qwen3Model.from_pretrained(path, dtype=dtype, local_files_only=True)
+        return model.to(device).eval()
     config_path = Path(config_path) if config_path is not None else path.parent / "config.json"
     try:
         config = Qwen3Config.from_json_file(str(config_path))
@@ -356,7 +358,9 @@ def load_vae(path: Path, config_path: Path | None, dtype: torch.dtype | None, de
     path = Path(path)
     if path.is_dir():
         WeightFiles(weight_files(path))
-        return AutoencoderKL.from_pretrained(path, torch_dtype=dtype, local_files_only=True).to(device).eval()
+        with torch.device("cpu"):  # built in RAM first, whatever default device a library left set
+            model = AutoencoderKL.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+        return model.to(device).eval()
     config_path = Path(config_path) if config_path is not None else path.with_name(f"{path.stem}_config.json")
     try:
         config = json.loads(config_path.read_text())

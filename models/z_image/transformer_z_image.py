@@ -237,6 +237,11 @@ def _ceil_to(n: int, multiple: int) -> int:
 class ZImageTransformer(nn.Module):
     """The Z-Image transformer. forward(latents, t, captions) -> raw output (x0 - noise)."""
 
+    # Modules ("" = this one) whose float inputs must arrive in fp32 whatever the weights' dtype: the
+    # timestep (t, then t * 1000) feeds a sinusoid, and bf16 would round t * 1000 by up to 4 above 512.
+    # Wrappers that cast inputs to the weights' dtype must leave these alone.
+    fp32_input_modules: tuple[str, ...] = ("", "t_embedder")
+
     def __init__(self, cfg: ZImageConfig):
         super().__init__()
         self.config = cfg
