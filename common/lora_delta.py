@@ -32,6 +32,8 @@ class LoraDelta:
     dora_scale: torch.Tensor | None = None  # (out, 1): per-row norm, or (1, in): per-column norm
     bias: torch.Tensor | None = None  # (out,)
     keys: list[str] = field(default_factory=list)  # source keys, for the report
+    # Where alpha came from when not from an `.alpha` tensor: "metadata" (the file header's LoRA config).
+    alpha_source: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -88,7 +90,7 @@ class LoraDelta:
 
         return LoraDelta(
             self.module, self.kind, {k: move(v) for k, v in self.factors.items()}, self.scale, self.rank,
-            self.alpha, move(self.dora_scale), move(self.bias), list(self.keys),
+            self.alpha, move(self.dora_scale), move(self.bias), list(self.keys), self.alpha_source,
         )
 
 

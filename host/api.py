@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from host import settings as host_settings
 from host.session import HostConfig, Session, TaskResult
 
 _SESSION: Session | None = None
@@ -36,12 +37,15 @@ class Model:
     def generate(self, prompt: str | None = None, *, output_dir: str | Path | None = None, **settings: Any) -> list[Any]:
         """Generate images (PIL). `output_dir` also saves them as the CLI does (settings embedded).
 
+        Settings are the task-file names; diffusers' `width=`/`height=` work too (they become `resolution`).
         The used seed and the full settings are in `self.last_result.settings`.
         """
-        raw = {**self.defaults, **settings, "model_type": self.model_type}
+        raw = {**host_settings.overlay(self.defaults, settings), "model_type": self.model_type}
         if prompt is not None:
             raw["prompt"] = prompt
         task = self.session.prepare(raw, "generate()")
+        if output_dir is not None:  # a folder that cannot take the images fails now, not after generating
+            self.session.check_destination(Path(output_dir))
         self.last_result = self.session.run(task)
         if output_dir is not None:
             self.session.save(self.last_result, Path(output_dir))

@@ -17,7 +17,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call write(tmp) on a fresh temporary path next to `path`, then rename it onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # `.<name>.<pid>-<random>.tmp`: the pid lets the next run remove it if this process is killed
+    # (host.outputs.remove_stale_temp_files)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,7 +60,7 @@ def build_parser(session: Session | None = None) -> argparse.ArgumentParser:
     gen.add_argument("--flow-shift", type=float)
     gen.add_argument("--resolution", help="WxH, e.g. 1024x768")
     gen.add_argument("--batch-size", type=int)
-    gen.add_argument("--output", type=Path, help="one-shot: exact output file (never overwritten)")
+    gen.add_argument("--output", help="one-shot: exact output file (never overwritten), or a folder to save into")
     run = p.add_argument_group("files and running")
     run.add_argument("--output-dir", type=Path, help="where images go (default: outputs/)")
     run.add_argument("--output-format", choices=sorted(EXTENSIONS))
@@ -158,15 +159,26 @@ def _dispatch(session: Session, args: argparse.Namespace) -> int:
         if not args.model:
             print("error: --prompt needs --model (see --list-models)", file=sys.stderr)
             return EXIT_FAILED
-        raw = [RawTask({"model_type": args.model, **_one_shot_settings(args)}, "command line")]
-        return run_tasks(session, raw, args.output_dir, output_file=args.output)
+        output_dir, output_file = output_target(args.output, args.output_dir)
+        raw = [RawTask({"model_type": args.model, **_one_shot_settings(args, output_file)}, "command line")]
+        return run_tasks(session, raw, output_dir, output_file=output_file)
     return launch_web(args)
 
 
-def _one_shot_settings(args: argparse.Namespace) -> dict[str, Any]:
+def output_target(text: str | None, output_dir: Path | None) -> tuple[Path | None, Path | None]:
+    """`--output` -> (folder, file): an existing folder, or a path ending in '/', is a folder to save into."""
+    if text is None:
+        return output_dir, None
+    path = Path(text).expanduser()
+    if path.is_dir() or text.endswith(("/", os.sep)):
+        return path, None
+    return output_dir, path
+
+
+def _one_shot_settings(args: argparse.Namespace, output_file: Path | None = None) -> dict[str, Any]:
     settings = {key: getattr(args, dest) for dest, key in ONE_SHOT_FLAGS.items() if getattr(args, dest) is not None}
-    if args.output is not None and "output_format" not in settings:
-        suffix = args.output.suffix.lower().lstrip(".")
+    if output_file is not None and "output_format" not in settings:
+        suffix = output_file.suffix.lower().lstrip(".")
         settings["output_format"] = {"jpg": "jpeg"}.get(suffix, suffix) if suffix else "png"
     return settings
 
@@ -189,7 +201,15 @@ def run_tasks(
     output_file: Path | None = None,
     failed: list[PreparedTask] | None = None,
 ) -> int:
-    """Validate all tasks, then run the valid ones in order; failures are reported, not fatal."""
+    """Validate all tasks, then run the valid ones in order; failures are reported, not fatal.
+
+    The destination is checked first: a folder that cannot take the images stops the run before any work.
+    """
+    try:
+        session.check_destination(output_dir, output_file)
+    except UserInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     failures = list(failed or [])
     for item in failures:
         _report_failure(item.where, str(item.error))

@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from common.errors import CheckpointError, SettingsError
 from common.lora_delta import NormalizedLora
 from host.lora_apply import LoraRuntime, linear_shapes
+from host.lora_metadata import apply_adapter_metadata, read_adapter_metadata
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,9 @@ class LoraReport:
     dora: bool
     not_applied: dict[str, str] = field(default_factory=dict)  # key -> why
     multiplier: str = "1.0"
+    # Where the alphas came from: "tensor" (.alpha keys), "metadata" (the header's lora_adapter_metadata),
+    # "default" (neither: alpha = rank, scale 1); several joined with " + " when modules differ.
+    alpha_source: str = "default"
 
     @property
     def modules_matched(self) -> int:
@@ -161,7 +165,7 @@ class LoraReport:
 
     def summary(self) -> str:
         """One line for logs and the CLI."""
-        alpha = "none (= rank)" if self.alpha is None else f"{self.alpha:g}"
+        alpha = "none (= rank)" if self.alpha is None else f"{self.alpha:g} (from {self.alpha_source})"
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.kinds.items()))
         extra = f"; {len(self.not_applied)} key(s) not applied" if self.not_applied else ""
         return (
@@ -193,10 +197,15 @@ def make_report(path: Path, lora: NormalizedLora) -> LoraReport:
         rank=Counter(ranks).most_common(1)[0][0] if ranks else None,
         ranks=sorted(set(ranks)),
         alpha=Counter(alphas).most_common(1)[0][0] if alphas else None,
+        alpha_source=" + ".join(sorted({_alpha_source(d) for d in deltas})) or "default",
         scale=Counter(d.scale for d in deltas).most_common(1)[0][0] if deltas else 1.0,
         dora=any(d.dora_scale is not None for d in deltas),
         not_applied=dict(lora.ignored),
     )
+
+
+def _alpha_source(delta: Any) -> str:
+    return delta.alpha_source or ("tensor" if delta.alpha is not None else "default")
 
 
 def load_lora(
@@ -206,6 +215,9 @@ def load_lora(
     state_dict = read_lora_file(path)
     try:
         lora = normalizer.normalize_lora(state_dict, target_shapes)
+        metadata = read_adapter_metadata(path)
+        if metadata is not None:
+            apply_adapter_metadata(lora, metadata)
     except CheckpointError as err:
         raise CheckpointError(f"LoRA {Path(path).name}: {err}") from err
     report = make_report(path, lora)

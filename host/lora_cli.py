@@ -47,6 +47,6 @@ def merge_command(session: Any, args: argparse.Namespace) -> int:
         print("error: --merge-loras needs --output merged.safetensors", file=sys.stderr)
         return EXIT_FAILED
     normalizer, folders = _normalizer_and_folders(session, args)
-    result = merge_main(args.merge_loras, args.output, normalizer, folders, rank=args.rank)
+    result = merge_main(args.merge_loras, Path(args.output), normalizer, folders, rank=args.rank)
     print(result.summary())
     return EXIT_OK

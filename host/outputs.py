@@ -8,9 +8,13 @@ prompt, seed, steps and model. The JSON is a valid task: `--process image.png` r
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import struct
 import unicodedata
+import warnings
+import zlib
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +23,9 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from common.errors import SettingsError
+from host.settings import MAX_TEXT_CHARS, parse_json_text
+
+log = logging.getLogger(__name__)
 
 SETTINGS_KEY = "wgp_settings"
 PARAMETERS_KEY = "parameters"
@@ -26,6 +33,9 @@ EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 EXIF_IFD, USER_COMMENT, IMAGE_DESCRIPTION = 0x8769, 0x9286, 0x010E
 ASCII_PREFIX = b"ASCII\0\0\0"  # EXIF UserComment character-code header
 MAX_SLUG = 40
+# Settings text a saved image may carry: every text setting is at most MAX_TEXT_CHARS, written as ASCII
+# JSON (up to 12 bytes per character); the rest (provenance) is small.
+MAX_EMBEDDED_CHARS = 4 * 12 * MAX_TEXT_CHARS
 
 
 def slugify(text: str, limit: int = MAX_SLUG) -> str:
@@ -67,10 +77,75 @@ def embedded_json(settings: Mapping[str, Any], info: Mapping[str, Any]) -> str:
     return json.dumps({**settings, "generation_info": dict(info)}, ensure_ascii=True, sort_keys=False)
 
 
+def check_output_folder(folder: Path) -> Path:
+    """Make sure images can be saved in `folder` before any work is done (a missing folder is not created yet).
+
+    Raises SettingsError naming the folder when it, or the nearest existing folder above it, is a file or
+    cannot be written; removes the temporary files a killed run left in it. Returns the folder.
+    """
+    folder = Path(folder).expanduser()
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = f"output folder {folder}" + ("" if existing == folder else f": {existing}")
+        raise SettingsError(f"{where} is a file; choose a folder (--output-dir) or remove the file")
+    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
+        raise SettingsError(f"cannot write images into {folder} ({existing} is not writable): choose another folder")
+    if existing == folder:
+        try:  # a real write: read-only file systems, ACLs and quotas show here, not only permissions
+            probe = folder / f".write-check.{os.getpid()}.tmp"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise SettingsError(f"cannot write images into {folder} ({exc.strerror or exc}): choose another folder") from None
+        remove_stale_temp_files(folder)
+    return folder
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete hidden `.<name>.<pid>[-<random>].tmp` files in `folder` whose writing process is gone.
+
+    Every temporary file this program writes carries its process id (here and in host/atomic.py), so a
+    file of a run that is still going (another process, or this one) is never touched. Returns the removed paths.
+    """
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        match = _TEMP_NAME.fullmatch(path.name)
+        if match is None or _process_alive(int(match.group(1))):
+            continue
+        try:
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
+                removed.append(path)
+        except OSError as exc:
+            log.warning("could not remove the stale temporary file %s: %s", path, exc)
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted run in %s", len(removed), folder)
+    return removed
+
+
+_TEMP_NAME = re.compile(r"\..+\.(\d+)(?:-[A-Za-z0-9_]+)?\.tmp")
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists but is someone else's, or cannot be asked: keep its files
+    return True
+
+
 def save_image(image: Image.Image, folder: Path, name: str, settings: Mapping[str, Any], info: Mapping[str, Any], fmt: str = "png") -> Path:
     """Write atomically (temp file in the same folder, then link/rename) under a name no file has yet."""
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.{os.getpid()}.tmp"
+    tmp = folder / f".{name}.{os.getpid()}.tmp"  # the pid marks it as this run's (see remove_stale_temp_files)
     try:
         _write(image, tmp, settings, info, fmt)
         return _claim_name(tmp, folder / name)
@@ -110,19 +185,26 @@ def _claim_name(tmp: Path, wanted: Path) -> Path:
 
 
 def read_settings(path: Path) -> dict[str, Any]:
-    """The settings embedded in an image we saved (PNG, JPEG or WebP)."""
+    """The settings embedded in an image we saved (PNG, JPEG or WebP).
+
+    Only the metadata is read, never the pixels, so a decompression bomb costs nothing; an oversized or
+    deeply nested text, or a file that is not an image, is a SettingsError naming the file.
+    """
     try:
-        with Image.open(path) as image:
-            image.load()
-            text = image.info.get(SETTINGS_KEY) or _exif_comment(image)
-    except OSError as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # pixels are never decoded here
+            with Image.open(path) as image:
+                text = image.info.get(SETTINGS_KEY) or _exif_comment(image)
+    except Image.DecompressionBombError as exc:
+        raise SettingsError(f"{path}: refused, the image declares too many pixels to be ours ({exc})") from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error) as exc:
+        # PIL raises ValueError for text chunks that inflate past its limits, SyntaxError for broken chunks
         raise SettingsError(f"{path}: not a readable image ({exc})") from None
     if not text:
         raise SettingsError(f"{path}: this image carries no generation settings (was it saved by this program?)")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SettingsError(f"{path}: the embedded settings are not valid JSON ({exc.msg})") from None
+    if len(text) > MAX_EMBEDDED_CHARS:
+        raise SettingsError(f"{path}: the embedded settings are {len(text):,} characters, more than any image this program saves")
+    data = parse_json_text(text, SettingsError, f"{path}: embedded settings")
     if not isinstance(data, dict):
         raise SettingsError(f"{path}: the embedded settings are not a JSON object")
     return data

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -43,6 +44,18 @@ MODEL_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "selftest": ((bool,), "files are tiny random weights the family writes itself"),
 }
 REQUIRED_MODEL_KEYS = ("name", "architecture")
+NUNCHAKU = "Nunchaku SVDQuant"
+# File-name token -> a weight format no loader here reads (Wan2GP ships presets for several of them).
+UNLOADABLE_FORMATS = {
+    "svdq": NUNCHAKU,
+    "nunchaku": NUNCHAKU,
+    "nvfp4": "NVFP4 (4-bit float)",
+    "mxfp4": "MXFP4 (4-bit float)",
+    "fp4": "fp4 (4-bit float)",
+    "int4": "int4 (4-bit integer)",
+    "nf4": "bitsandbytes NF4 (4-bit)",
+    "gguf": "GGUF",
+}
 
 
 @dataclass(frozen=True)
@@ -73,11 +86,14 @@ class PresetCatalog:
 
     presets: dict[str, Preset] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # model type (file name) -> why it was skipped
 
     def get(self, model_type: str) -> Preset:
-        """The preset for `model_type`, or an error that suggests the closest id."""
+        """The preset for `model_type`, or an error that says why it was skipped or suggests the closest id."""
         if model_type in self.presets:
             return self.presets[model_type]
+        if model_type in self.skipped:
+            raise PresetError(f"model_type '{model_type}' is not usable: {self.skipped[model_type]}")
         close = difflib.get_close_matches(model_type, sorted(self.presets), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(sorted(self.presets))}"
         raise PresetError(f"unknown model_type '{model_type}'{hint}")
@@ -95,6 +111,7 @@ def load_presets(registry: Registry, defaults_dir: Path = DEFAULTS_DIR, finetune
                 data = read_preset_file(path)
             except PresetError as exc:
                 catalog.errors.append(str(exc))
+                catalog.skipped.setdefault(path.stem, str(exc))
                 continue
             if path.stem in raw:
                 base, sources = raw[path.stem]
@@ -106,8 +123,9 @@ def load_presets(registry: Registry, defaults_dir: Path = DEFAULTS_DIR, finetune
             catalog.presets[model_type] = build_preset(model_type, data, sources, raw, registry)
         except UserInputError as exc:
             catalog.errors.append(str(exc))
-    for message in catalog.errors:
-        log.warning("preset skipped: %s", message)
+            catalog.skipped[model_type] = str(exc)
+    for message in catalog.errors:  # shown to users once, by whoever shows them (the CLI prints them)
+        log.info("preset skipped: %s", message)
     return catalog
 
 
@@ -143,6 +161,7 @@ def build_preset(
     for key in REQUIRED_MODEL_KEYS:
         if key not in block:
             raise PresetError(f"{where}: model block lacks '{key}'")
+    _check_weight_formats(block, where)  # before the other checks: the format is the reason that matters
     arch = block["architecture"]
     if not isinstance(arch, str) or arch not in registry.handlers:
         known = ", ".join(registry.architectures) or "none"
@@ -154,6 +173,7 @@ def build_preset(
     for key in ("URLs", "text_encoder_URLs"):
         if isinstance(model_def.get(key), str):
             model_def[key] = _resolve_reference(model_type, key, model_def[key], all_raw, where)
+    _check_weight_formats(model_def, where)  # lists reached through a reference
     if model_def.get("selftest"):
         _check_selftest_paths(model_def, where)
     settings = {k: v for k, v in data.items() if k != "model"}
@@ -187,6 +207,31 @@ def _check_selftest_paths(model_def: Mapping[str, Any], where: str) -> None:
                 raise PresetError(
                     f"{where}: model.{key} entry {entry!r} of a self-test preset must be a file in a sub-folder of the "
                     'checkpoints folder (e.g. "z_image_selftest/..."): the program writes those files itself'
+                )
+
+
+def unloadable_format(entry: str) -> str | None:
+    """The weight format a file name marks when no loader here reads it ('svdq-fp4_r128-...' -> 'Nunchaku
+    SVDQuant fp4'), else None. Tokens are split on '_', '-' and '.', as for dtypes (host/files.py)."""
+    tokens = re.split(r"[_\-.]", PurePosixPath(entry.split("?", 1)[0]).name.lower())
+    found = [UNLOADABLE_FORMATS[t] for t in tokens if t in UNLOADABLE_FORMATS]
+    if not found:
+        return None
+    precision = next((t for t in tokens if t in ("fp4", "nvfp4", "int4")), None)
+    return f"{found[0]} {precision}" if found[0] == NUNCHAKU and precision else found[0]
+
+
+def _check_weight_formats(model_def: Mapping[str, Any], where: str) -> None:
+    """Refuse a preset whose files no loader here reads, at start-up rather than after a multi-GB download."""
+    for key in ("URLs", "text_encoder_URLs"):
+        entries = model_def.get(key)
+        for entry in entries if isinstance(entries, list) else []:
+            fmt = unloadable_format(entry) if isinstance(entry, str) else None
+            if fmt is not None:
+                name = PurePosixPath(entry.split("?", 1)[0]).name
+                raise PresetError(
+                    f"{where}: model.{key} file {name!r} is {fmt} weights, a format this program cannot load "
+                    "(no kernels for it here); use a bf16 or int8 preset instead (see --list-models)"
                 )
 
 

@@ -304,6 +304,7 @@ class Session:
                 "modules_matched": report.modules_matched,
                 "rank": report.rank,
                 "alpha": report.alpha,
+                "alpha_source": report.alpha_source,
                 "not_applied": len(report.not_applied),
             })
         return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +21,11 @@ from host.registry import FamilyHandler
 
 OUTPUT_FORMATS = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp"}
 QUANTIZATIONS = ("int8", "bf16", "fp16", "fp32")
+# Longest text any setting may hold. Text encoders read at most ~1024 tokens, a few characters each, so 64
+# characters per token is far beyond any prompt that reaches them; the cap bounds tokenizing time and memory
+# and the settings embedded in every saved image (a 50-million-character prompt took minutes and gigabytes).
+MAX_TEXT_CHARS = 65_536
+SIZE_KEYS = ("width", "height")
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,7 @@ def validate(
     """
     family = family_defaults(handler, model_type, model_def)
     check_known_keys(settings, HOST_ONLY | set(family), where)
+    check_text_lengths(settings, where)
     host_part = check_host_values(settings, where)
     host_part.pop("generation_info", None)  # provenance of a saved image, never an input
     family_part = {k: v for k, v in settings.items() if k not in HOST_ONLY}
@@ -111,14 +118,94 @@ def validate(
     return {**host_part, **normalised}
 
 
+def check_text_lengths(settings: Mapping[str, Any], where: str) -> None:
+    """Refuse text settings longer than MAX_TEXT_CHARS before anything tokenizes, embeds or saves them."""
+    for key, value in settings.items():
+        if isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
+            raise SettingsError(
+                f"{where}: '{key}' is {len(value):,} characters; at most {MAX_TEXT_CHARS:,} are accepted "
+                "(the text encoder reads at most about 1024 tokens): shorten it"
+            )
+
+
+def parse_json_text(text: str, error: type[UserInputError], where: str) -> Any:
+    """json.loads with every way it can fail turned into `error` naming `where` (bad JSON with line and column)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{where}:{exc.lineno}:{exc.colno}: bad JSON: {exc.msg}") from None
+    except RecursionError:
+        raise error(f"{where}: the JSON is nested too deeply to be settings") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise error(f"{where}: bad JSON: {exc}") from None
+
+
 def read_json_file(path: Path, error: type[UserInputError], what: str) -> Any:
     """Parse a JSON file (preset or tasks); errors name the file, and bad JSON its line and column."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise error(f"{path}:{exc.lineno}:{exc.colno}: bad JSON: {exc.msg}") from None
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise error(f"{path}: cannot read the {what}: {exc}") from None
+    return parse_json_text(text, error, str(path))
+
+
+def parse_size(value: Any) -> tuple[int, int] | None:
+    """'1024x768' -> (1024, 768); None when `value` is not of that form."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(\d+)\s*", str(value))
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def size_keys_to_resolution(
+    raw: Mapping[str, Any], family: Mapping[str, Any], fallback: Any, where: str
+) -> dict[str, Any]:
+    """diffusers' `width`/`height` -> the Wan2GP `resolution` "WxH", for families whose setting is `resolution`.
+
+    A side not given comes from the task's `resolution`, else `fallback` (the preset's); a task that gives
+    `resolution` and a different width/height is an error.
+    """
+    out = dict(raw)
+    given = {key: out.pop(key) for key in SIZE_KEYS if key in out}
+    if not given or "resolution" not in family or any(key in family for key in SIZE_KEYS):
+        return dict(raw)
+    for key, value in given.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)) or not _is_whole(value):
+            raise SettingsError(f"{where}: '{key}' must be a whole number of pixels (got {value!r})")
+    base = dict(zip(SIZE_KEYS, parse_size(out.get("resolution", fallback)) or (None, None), strict=True))
+    sides = {key: int(float(given[key])) if key in given else base[key] for key in SIZE_KEYS}
+    width, height = sides["width"], sides["height"]
+    if width is None or height is None:
+        raise SettingsError(f"{where}: give both 'width' and 'height' (or 'resolution', e.g. '1024x768')")
+    resolution = f"{width}x{height}"
+    if "resolution" in raw and parse_size(raw["resolution"]) != (width, height):
+        raise SettingsError(f"{where}: 'resolution' is {raw['resolution']!r} but width/height say {resolution}: give one of them")
+    out["resolution"] = resolution
+    return out
+
+
+def overlay(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """`override` over `base`, where a size given one way replaces the other way in `base`.
+
+    width/height in `override` replace `base`'s resolution (a side not given keeps `base`'s), and a
+    resolution in `override` replaces `base`'s width/height: `load_model(resolution=...)` then
+    `generate(width=..., height=...)` is a new size, not a conflict.
+    """
+    out = {**base, **override}
+    if "resolution" in override:
+        for key in SIZE_KEYS:
+            if key not in override:
+                out.pop(key, None)
+    elif any(key in override for key in SIZE_KEYS) and "resolution" in base:
+        size = parse_size(out.pop("resolution"))
+        for key, side in zip(SIZE_KEYS, size or (), strict=False):
+            out.setdefault(key, side)
+    return out
+
+
+def _is_whole(value: int | float | str) -> bool:
+    try:
+        return float(value).is_integer()  # false for inf and nan
+    except (ValueError, OverflowError):
+        return False
 
 
 def resolve_seed(settings: dict[str, Any]) -> dict[str, Any]:

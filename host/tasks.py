@@ -5,6 +5,7 @@ Every task is validated before anything loads; a bad task is reported and skippe
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from common.errors import SettingsError, UserInputError
 from host.outputs import EXTENSIONS, read_settings
 from host.session import Session, Task
 from host.settings import read_json_file
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {*EXTENSIONS.values(), ".jpeg"}
 
@@ -56,6 +59,9 @@ def read_task_files(paths: Iterable[Path]) -> tuple[list[RawTask], list[Prepared
             tasks.extend(read_task_file(path))
         except UserInputError as exc:
             failed.append(PreparedTask(str(path), error=str(exc)))
+        except Exception as exc:  # noqa: BLE001 - whatever else a hostile file causes fails this file only
+            log.debug("task file %s unreadable", path, exc_info=True)
+            failed.append(PreparedTask(str(path), error=f"{path}: cannot read this task file ({type(exc).__name__}: {exc})"))
     return tasks, failed
 
 
@@ -67,4 +73,7 @@ def prepare_tasks(session: Session, raw_tasks: Iterable[RawTask]) -> list[Prepar
             prepared.append(PreparedTask(raw.where, task=session.prepare(raw.settings, raw.where)))
         except UserInputError as exc:
             prepared.append(PreparedTask(raw.where, error=str(exc)))
+        except Exception as exc:  # noqa: BLE001 - a value no check foresaw fails its own task, never the batch
+            log.debug("task %s failed validation", raw.where, exc_info=True)
+            prepared.append(PreparedTask(raw.where, error=f"{raw.where}: invalid task ({type(exc).__name__}: {exc})"))
     return prepared

@@ -8,6 +8,7 @@ checks the normaliser against the dialects' definitions, not against itself.
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -162,3 +163,15 @@ DIALECTS["comfy-fused-wo"] = lambda lo: comfy_fused(lo, "wo")
 def run(model: nn.Module, seed: int = 1) -> torch.Tensor:
     with torch.no_grad():
         return model(*inputs(seed))
+
+
+def peft_with_header(lora: RandomLora, modules: list[str], config: dict, prefix: str = "transformer.") -> tuple[dict, dict]:
+    """What diffusers' training scripts save: `{prefix}{module}.lora_A/B.weight` with no alpha tensor (B not
+    scaled), and the LoraConfig as JSON in the safetensors header under `lora_adapter_metadata`, its keys
+    prefixed like the tensors. Returns (state dict, header metadata) for `save_file(sd, path, metadata=...)`."""
+    sd = {}
+    for m in modules:
+        sd[f"{prefix}{m}.lora_A.weight"] = lora.down[m].clone()
+        sd[f"{prefix}{m}.lora_B.weight"] = lora.up[m].clone()
+    header = {f"{prefix}{k}": v for k, v in config.items()}
+    return sd, {"format": "pt", "lora_adapter_metadata": json.dumps(header, sort_keys=True)}

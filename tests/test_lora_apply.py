@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lora_fixtures import DIALECTS, NORMALIZER, inputs, merged_by_hand, random_lora, run, tiny_model
+from lora_fixtures import DIALECTS, NORMALIZER, inputs, merged_by_hand, peft_with_header, random_lora, run, tiny_model
 from safetensors.torch import save_file
 
 from common.errors import SettingsError
@@ -215,3 +215,40 @@ def test_mmgp_adapter_state_dict_keeps_every_delta() -> None:
     want = lokr.deltas["layers.0.attention.to_q"].weight()
     key = "layers.0.attention.to_q"
     assert torch.allclose(torch.kron(sd[f"{key}.lokr_w1"], sd[f"{key}.lokr_w2"]), want)
+
+
+def test_alpha_in_the_header_gives_diffusers_own_lora_image(tiny_pipeline, tiny_diffusers_folder: Path, tmp_path: Path) -> None:
+    """A LoRA as diffusers' training scripts save it (alpha 8 at rank 4 in `lora_adapter_metadata`, no
+    `.alpha` tensors) gives the image diffusers' own `load_lora_weights` gives (needs peft, which
+    diffusers' LoRA loading requires)."""
+    pytest.importorskip("peft", reason="diffusers loads LoRAs through peft, which is not installed")
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import ZImagePipeline as ReferencePipeline
+
+    transformer = tiny_pipeline.transformer
+    lora = random_lora(transformer, seed=11)
+    modules = [m for m in lora.down if ".attention.to_" in m]
+    config = {"r": 4, "lora_alpha": 8, "target_modules": modules, "lora_dropout": 0.0, "init_lora_weights": "gaussian"}
+    sd, header = peft_with_header(lora, modules, config)
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=header)
+
+    ref = ReferencePipeline.from_pretrained(tiny_diffusers_folder, dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = FlowMatchEulerDiscreteScheduler(shift=SETTINGS["flow_shift"])
+    s = SETTINGS
+    call = dict(prompt=s["prompt"], width=s["width"], height=s["height"], num_inference_steps=s["num_inference_steps"],
+                guidance_scale=s["guidance_scale"], output_type="np")
+    plain = ref(**call, generator=torch.Generator("cpu").manual_seed(s["seed"])).images
+    ref.load_lora_weights(str(path))
+    expected = (ref(**call, generator=torch.Generator("cpu").manual_seed(s["seed"])).images * 255).round()
+
+    apply_loras(tiny_pipeline, [path], "1.0", normalizer=NORMALIZER)
+    try:
+        got = _pixels(tiny_pipeline.generate(SETTINGS)).astype(np.float32)
+        source = tiny_pipeline.lora_reports[0].alpha_source
+    finally:
+        remove_loras(tiny_pipeline)
+    assert np.abs((plain * 255).round() - expected).max() > 10  # the LoRA changes diffusers' image
+    assert np.abs(got - expected).max() <= 1  # within 1/255 of diffusers' own LoRA loading
+    assert source == "metadata"

@@ -3,11 +3,13 @@ weights were merged by hand with the same delta (fp32, transformer level), at mu
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from lora_fixtures import DIALECTS, NORMALIZER, merged_by_hand, random_lora, run, tiny_model
+from lora_fixtures import DIALECTS, NORMALIZER, merged_by_hand, peft_with_header, random_lora, run, tiny_model
 from safetensors.torch import save_file
 
 from common.errors import CheckpointError
@@ -235,3 +237,58 @@ def test_unflatten_protects_underscore_names() -> None:
     }
     for key, module in cases.items():
         assert _parse_key(key)[0] == module, key
+
+
+ATTENTION = re.compile(r"\.attention\.to_(q|k|v|out\.0)$")  # what diffusers' training scripts target
+
+
+@pytest.mark.parametrize("prefix", ["transformer.", ""])  # a pipeline's save_lora_weights, a model's save_lora_adapter
+def test_alpha_from_the_header_metadata(model, tmp_path: Path, prefix: str) -> None:
+    """No `.alpha` tensors, `lora_alpha` 8 at r 4 in the header: scale 8 / 4 = 2 (to_q: alpha_pattern 2 -> 0.5)."""
+    lora = random_lora(model)
+    modules = [m for m in lora.down if ATTENTION.search(m)]
+    config = {"r": 4, "lora_alpha": 8, "target_modules": modules, "alpha_pattern": {"to_q": 2}, "use_rslora": False}
+    sd, header = peft_with_header(lora, modules, config, prefix)
+    path = tmp_path / "trained.safetensors"
+    save_file(sd, str(path), metadata=header)
+    loaded = load_lora(path, NORMALIZER, linear_shapes(model))
+    scale = {m: (2 if m.endswith(".to_q") else 8) / 4 for m in modules}
+    _check(model, loaded.lora, {m: scale[m] * lora.up[m] @ lora.down[m] for m in modules}, 1.0)
+    report = loaded.report
+    assert (report.alpha, report.scale, report.alpha_source) == (8.0, 2.0, "metadata")
+    assert "alpha 8 (from metadata), scale 2" in report.summary()
+
+
+def test_rank_stabilised_lora_and_where_alpha_came_from(model, tmp_path: Path) -> None:
+    lora = random_lora(model)
+    modules = [m for m in lora.down if ATTENTION.search(m)]
+    sd, header = peft_with_header(lora, modules, {"r": 4, "lora_alpha": 8, "use_rslora": True})
+    save_file(sd, str(tmp_path / "rs.safetensors"), metadata=header)
+    loaded = load_lora(tmp_path / "rs.safetensors", NORMALIZER, linear_shapes(model))
+    _check(model, loaded.lora, {m: 8 / 2 * lora.up[m] @ lora.down[m] for m in modules}, 1.0)  # alpha / sqrt(r)
+    sources = {}
+    for dialect in ("diffusers", "ai-toolkit"):  # `.alpha` tensors; no alpha anywhere
+        path = _write(tmp_path, DIALECTS[dialect](lora), f"{dialect}.safetensors")
+        sources[dialect] = load_lora(path, NORMALIZER).report.alpha_source
+    assert sources == {"diffusers": "tensor", "ai-toolkit": "default"}
+
+
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        ({"transformer.r": 8, "transformer.lora_alpha": 8}, "says rank 8 for layers.0.attention.to_q, but its tensors have rank 4"),
+        ({"transformer.lora_alpha": "8"}, "lora_alpha must be a positive number, got '8'"),
+        ({"transformer.lora_alpha": 8, "transformer.alpha_pattern": {"to_(q": 1}}, "is not a regular expression"),
+    ],
+)
+def test_bad_header_metadata_names_the_file(model, tmp_path: Path, header: dict, message: str) -> None:
+    lora = random_lora(model)
+    sd, _ = peft_with_header(lora, ["layers.0.attention.to_q"], {})
+    path = tmp_path / "bad.safetensors"
+    save_file(sd, str(path), metadata={"lora_adapter_metadata": json.dumps(header)})
+    with pytest.raises(CheckpointError, match=re.escape(message)) as err:
+        load_lora(path, NORMALIZER, linear_shapes(model))
+    assert str(err.value).startswith("LoRA bad.safetensors: header 'lora_adapter_metadata'")
+    save_file(sd, str(path), metadata={"lora_adapter_metadata": "{not json"})
+    with pytest.raises(CheckpointError, match="is not valid JSON"):
+        load_lora(path, NORMALIZER, linear_shapes(model))

@@ -7,6 +7,7 @@ Defaults here are only a fallback; the presets in `defaults/*.json` carry each m
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass, fields
 from typing import Any
@@ -109,11 +110,13 @@ def _require(ok: bool, message: str, value: Any) -> None:
 def _as_int(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise SettingsError(f"'{key}' must be an integer (got {value!r})")
+    if isinstance(value, int):
+        return value  # exact, however large (ranges are checked later); float() of a huge int would overflow
     try:
         number = float(value)
     except ValueError:
         raise SettingsError(f"'{key}' must be an integer (got {value!r})") from None
-    if number != int(number):
+    if not number.is_integer():  # also false for inf and nan, which int() cannot convert
         raise SettingsError(f"'{key}' must be a whole number (got {value!r})")
     return int(number)
 
@@ -122,9 +125,12 @@ def _as_float(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise SettingsError(f"'{key}' must be a number (got {value!r})")
     try:
-        return float(value)
-    except ValueError:
+        number = float(value)
+    except (ValueError, OverflowError):
         raise SettingsError(f"'{key}' must be a number (got {value!r})") from None
+    if not math.isfinite(number):  # JSON and float() both accept inf and nan; no setting means anything with them
+        raise SettingsError(f"'{key}' must be a finite number (got {value!r})")
+    return number
 
 
 def _as_str(key: str, value: Any) -> str:
