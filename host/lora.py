@@ -37,6 +37,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LORA_ROOT = REPO_ROOT / "loras"
 LORA_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".bin", ".pth")
+# Multipliers beyond this only overflow the weights (1e308 x a delta is inf in any float format); useful ones are ~0-2.
+MAX_MULTIPLIER = 100.0
 
 
 class LoraNormalizer(Protocol):
@@ -107,7 +109,10 @@ def resolve_lora(name: str | Path, folders: Sequence[Path]) -> Path:
             raise CheckpointError(f"LoRA file {path} does not exist")
         return path
     for folder in folders:
-        candidate = (folder / path).resolve()
+        try:
+            candidate = (folder / path).resolve()
+        except (RuntimeError, OSError) as err:  # a symlink loop (RuntimeError before Python 3.13, OSError after)
+            raise CheckpointError(f"LoRA {str(name)!r} in {folder} cannot be resolved ({err}): fix or remove the link") from None
         if not candidate.is_relative_to(Path(folder).resolve()):
             raise CheckpointError(
                 f"LoRA name {str(name)!r} points outside the LoRA folder {folder}; give an absolute path"
@@ -136,7 +141,19 @@ def read_lora_file(path: Path) -> dict[str, torch.Tensor]:
         ) from err
     if not tensors:
         raise CheckpointError(f"LoRA file {path} holds no tensors")
+    check_finite(tensors, f"LoRA file {path}")
     return tensors
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """A NaN or inf weight turns every image black or grey: refuse the file, naming the first bad tensor."""
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise CheckpointError(
+            f"{what}: tensor {bad[0]!r}{more} holds NaN or infinite values (a diverged training or a damaged "
+            "file): it cannot be used; train or download it again"
+        )
 
 
 @dataclass
@@ -256,6 +273,11 @@ def parse_multipliers(text: str | Sequence[Any], n_loras: int) -> list[list[floa
             ) from None
         if not out[-1]:
             raise SettingsError(f"loras_multipliers: {token!r} has no value")
+        if not all(abs(v) <= MAX_MULTIPLIER for v in out[-1]):  # also false for nan
+            raise SettingsError(
+                f"loras_multipliers: {token!r} must be finite numbers between -{MAX_MULTIPLIER:g} and {MAX_MULTIPLIER:g} "
+                "(1.0 = the LoRA as trained)"
+            )
     return out + [[1.0]] * (n_loras - len(out))
 
 
