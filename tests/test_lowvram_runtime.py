@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from common.errors import NonFiniteOutputError, SettingsError
 from host import offload, planner
 from host.guards import check_pixels, compute_dtype, guard_vae_decode
 from host.lowvram import apply_lowvram, load_options
-from host.prompt_cache import PromptCache, attach_prompt_cache, file_identity
+from host.prompt_cache import PromptCache, attach_prompt_cache, file_identity, shared_cache
 from host.quantize import is_quantized
 from host.vae_tiling import TilingOptions, enable_tiling, tile_starts, tiled_decode
 
@@ -224,8 +225,26 @@ def test_mmgp_import_keeps_transformers_loading(tiny_diffusers_folder: Path) -> 
     assert model.config.hidden_size == 64
 
 
+@pytest.mark.isolated  # int8 layers run quanto's CPU path (fp32 activations): in a child process in case it crashes
 def test_transforms_on_a_pipeline_cpu(tiny_flat_layout: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
-    """int8 asked with a full-precision file: quantized on the fly; cache, tiling, guard, CPU offload path."""
+    """int8 asked with a full-precision file: quantized on the fly; cache, tiling, guard, CPU offload path.
+
+    The image must be the plain fp32 pipeline's image. Bounds, in 1/255 pixel steps:
+    - against the plain fp32 pipeline decoding with the same tiles, only int8 differs: per-row absmax int8
+      rounds each weight by at most half a step (<= 0.4% of the row's largest weight), which moved the mid
+      config's transformer output by 1.7% (README, bench_lowvram.py). Measured here: mean 0.23, max 2;
+      bounds mean 1, max 8 (a wrong scale, a skipped layer or a wrong cached prompt moves pixels by tens).
+    - against the plain fp32 image decoded whole, the 4 tiles (48 px, 32 px overlap) add the tiling error of
+      a random VAE (GroupNorm statistics and mid-block attention per tile; the worst case, see
+      test_tiled_decode_close_to_untiled). Measured: mean 6.9, max 73; bound mean 12.
+    """
+    settings = {**SETTINGS, "width": 64, "height": 64}  # an 8x8 latent
+    tiles = TilingOptions(mode="auto", tile=6, overlap=4, min_latent=6)  # 8 > 6: tiled, 2 x 2 tiles of 6x6
+    plain = _pipeline(tiny_flat_layout)
+    whole = np.asarray(plain.generate(settings).images[0], dtype=np.int16)
+    enable_tiling(plain.vae, tiles)
+    plain_tiled = np.asarray(plain.generate(settings).images[0], dtype=np.int16)
+
     pipe = _pipeline(tiny_flat_layout)
     options = load_options({"device": "cpu", "dtype": F32, "quantization": "int8", "profile": "auto"})
     assert options["keep_text_encoder"] is False
@@ -233,8 +252,19 @@ def test_transforms_on_a_pipeline_cpu(tiny_flat_layout: dict[str, Path], caplog:
         model = apply_lowvram(pipe, options, {"text_encoder": tiny_flat_layout["text_encoder"]})
     assert model is pipe and is_quantized(pipe.transformer) and hasattr(pipe.vae, "_untiled_decode")
     assert pipe.batch_cfg  # no VRAM to save on the CPU: guidance branches stay batched
-    result = pipe.generate(SETTINGS)
-    assert result.images[0].size == (64, 64)
+    enable_tiling(pipe.vae, tiles)  # the host's threshold (1024 px) is far above this image: lower it
+    decoded = []
+    untiled = pipe.vae._untiled_decode
+    pipe.vae._untiled_decode = lambda z, **kw: (decoded.append(tuple(z.shape[-2:])), untiled(z, **kw))[1]
+    result = pipe.generate(settings)
+    assert decoded == [(6, 6)] * 4  # the tiled path ran: four tiles, never the whole latent
+    image = np.asarray(result.images[0], dtype=np.int16)
+    int8_error = np.abs(image - plain_tiled)
+    assert int8_error.mean() < 1 and int8_error.max() <= 8
+    assert np.abs(image - whole).mean() < 12
+    hits = shared_cache().hits
+    again = pipe.generate(settings)  # the prompt now comes from the (process-wide) cache
+    assert again.images[0].tobytes() == result.images[0].tobytes() and shared_cache().hits == hits + 1
     pipe.release()
 
 
