@@ -152,12 +152,12 @@ class ZImagePipeline:
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=True
         )
         total = len(self.tokenizer(text).input_ids)
-        ids = self.tokenizer(text, truncation=True, max_length=max_sequence_length, return_tensors="pt").input_ids
+        ids = self.tokenizer(text, truncation=True, max_length=max_sequence_length).input_ids
         if total > max_sequence_length:
             log.warning(
                 "prompt is %d tokens, over max_sequence_length=%d: the end is cut off", total, max_sequence_length
             )
-        ids = ids.to(self.device)
+        ids = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, L): explicit device, never the default
         mask = torch.ones_like(ids)
         if self.text_encoder is None and self.load_text_encoder is not None:
             self.text_encoder = self.load_text_encoder()  # freed again at the end of the prompt stage
@@ -191,7 +191,7 @@ class ZImagePipeline:
         """fp32 noise from a CPU generator, so a seed gives the same image on any device."""
         generator = torch.Generator("cpu").manual_seed(seed)
         shape = (batch, LATENT_CHANNELS, height // vae_factor, width // vae_factor)
-        return torch.randn(shape, generator=generator, dtype=torch.float32)
+        return torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu")
 
     # -- 3. denoise -----------------------------------------------------------------------------
 
