@@ -3,7 +3,6 @@ images, the model facts the page shows, the latent preview and the HTML pieces."
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -263,6 +262,17 @@ def test_latents_to_rgb_uses_the_fixed_flux_map() -> None:
     assert image is not None and image.size == (48, 64)  # 8x the latent size
     expected = tuple(round((b + 1) * 127.5) for b in FLUX_LATENT_RGB_BIAS)  # zero latents -> the bias colour
     assert image.getpixel((10, 10)) == expected
+    # Non-zero latents, one latent pixel at a time (a 512-tall latent is shown at scale 1: no resampling).
+    # Channel 4 = 1 and channel 12 = -0.5 at (x 1, y 0): rgb = bias + row 4 - 0.5 * row 12 of the Flux map =
+    # (-0.0329 + 0.0859 - 0.04085, -0.0718 + 0.0721 - 0.03825, -0.0851 + 0.0329 - 0.03745)
+    # = (0.01215, -0.03795, -0.08965) -> (v + 1) * 127.5 = (129.05, 122.66, 116.07) -> (129, 123, 116).
+    latents = torch.zeros(1, 16, 512, 4)
+    latents[0, 4, 0, 1], latents[0, 12, 0, 1] = 1.0, -0.5
+    latents[0, 13, 3, 2] = -40.0  # row 13 = (-0.1264, -0.0522, -0.1103): (5.06, 2.09, 4.41) + bias, all > 1
+    shown = latents_to_rgb(latents)
+    assert shown is not None and shown.size == (4, 512)
+    assert shown.getpixel((1, 0)) == (129, 123, 116) and shown.getpixel((0, 0)) == expected
+    assert shown.getpixel((2, 3)) == (255, 255, 255)  # clamped to 1 before the conversion to 8 bits
     assert latents_to_rgb(torch.zeros(1, 4, 8, 8)) is None  # no map known for 4 channels
     big = latents_to_rgb(torch.randn(1, 16, 256, 128))
     assert big is not None and max(big.size) == 512
@@ -282,7 +292,10 @@ def test_previewer_recovers_the_clean_image_estimate_from_two_steps() -> None:
 
 def test_status_html_escapes_user_text() -> None:
     html = status_html("<script>alert(1)</script>", "error")
-    assert "<script>" not in html and "wgp-error" in html and json.dumps("x")
+    assert "<script>" not in html and "wgp-error" in html
+    assert ">&lt;script&gt;alert(1)&lt;/script&gt;</div>" in html  # the text itself, escaped, is shown
+    quotes = status_html("""say "hi" & 'bye'""")
+    assert "say &quot;hi&quot; &amp; &#x27;bye&#x27;" in quotes and 'data-level="info"' in quotes
 
 
 def test_launch_serves_on_localhost_unless_listen_with_a_warning(
