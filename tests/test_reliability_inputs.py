@@ -349,6 +349,18 @@ def test_unwritable_output_dir_fails_before_loading(tmp_path: Path, capsys: pyte
     assert f"cannot write images into {locked}" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_folder_nobody_can_write_fails_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """/proc/self is a folder that refuses new files even to root: the real write of the check sees it."""
+    config = toy_env(tmp_path)
+    tasks = write_json(tmp_path / "tasks.json", [{"model_type": "toy"}])
+    loads_before = len(_toy_loads(config))
+    assert cli.main([*cli_args(config), "--process", str(tasks), "--output-dir", "/proc/self"]) == 1
+    out = capsys.readouterr()
+    assert "error: cannot write images into /proc/self" in out.err
+    assert len(_toy_loads(config)) == loads_before and "[1/1]" not in out.out
+
+
 def _dead_pid() -> int:
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     return int(done.stdout)
