@@ -8,10 +8,23 @@ import torch
 from common.sampling import Guidance, apply_guidance, denoise, get_sigmas
 
 
-def test_turbo_schedule_matches_reference_values() -> None:
-    # REFERENCE.md section 4: Turbo N=8, shift 3.
-    expected = [1, 0.954545, 0.9, 0.833333, 0.75, 0.642857, 0.5, 0.3, 0]
-    assert torch.allclose(get_sigmas(8, 3.0), torch.tensor(expected), atol=1e-6)
+def _diffusers_sigmas(num_steps: int, shift: float) -> torch.Tensor:
+    """The grid diffusers' ZImagePipeline runs: its default sigmas, set on FlowMatchEulerDiscreteScheduler with
+    the Z-Image scheduler config (shift, no dynamic shifting, so `mu` is ignored), terminal 0 included."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas, retrieve_timesteps
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift, use_dynamic_shifting=False)
+    retrieve_timesteps(scheduler, num_steps, "cpu", sigmas=get_default_z_image_sigmas(num_steps), mu=0.5)
+    return scheduler.sigmas
+
+
+@pytest.mark.parametrize(("num_steps", "shift"), [(8, 3.0), (30, 6.0), (1, 3.0), (4, 1.0)])
+def test_schedule_matches_diffusers(num_steps: int, shift: float) -> None:
+    expected = _diffusers_sigmas(num_steps, shift)
+    ours = get_sigmas(num_steps, shift)
+    assert ours.shape == expected.shape == (num_steps + 1,)
+    assert torch.allclose(ours, expected.to(ours.dtype), atol=1e-6)
 
 
 def test_shift_takes_effect_and_one_step_is_one_evaluation() -> None:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 from diffusers import ZImageTransformer2DModel
 
+from host import planner
+from models.z_image.loading_z_image import CONFIG_DIR
 from models.z_image.transformer_z_image import ZImageConfig, ZImageTransformer
 
 TINY = dict(dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=(8, 12, 12))
@@ -54,12 +59,21 @@ def test_forward_matches_diffusers_fp32(size: tuple[int, int], cap_lens: list[in
 
 
 def test_real_config_defaults() -> None:
+    """Our defaults are the released model's config (the shipped copy of its config.json), and both
+    implementations built from it on the meta device have the same parameters, shape for shape."""
     cfg = ZImageConfig()
     assert (cfg.dim, cfg.n_layers, cfg.n_refiner_layers, cfg.n_heads) == (3840, 30, 2, 30)
     assert cfg.axes_lens == (1536, 512, 512) and cfg.ffn_dim == 10240 and cfg.head_dim == 128
-    with torch.device("meta"):
-        n_params = sum(p.numel() for p in ZImageTransformer(cfg).parameters())
-    assert n_params == 6_154_908_736  # REFERENCE.md section 1
+    for name in ("z_image_turbo.json", "z_image_base.json"):
+        released = json.loads((CONFIG_DIR / name).read_text())
+        assert ZImageConfig.from_json(CONFIG_DIR / name) == cfg, name
+        with torch.device("meta"):
+            theirs = {k: tuple(p.shape) for k, p in ZImageTransformer2DModel.from_config(released).named_parameters()}
+            ours = {k: tuple(p.shape) for k, p in ZImageTransformer(cfg).named_parameters()}
+        assert ours == theirs, name
+    n_params = sum(math.prod(shape) for shape in theirs.values())
+    assert sum(math.prod(shape) for shape in ours.values()) == n_params
+    assert planner.Z_IMAGE.transformer.params == n_params  # the memory planner's size of the real model
 
 
 def test_bf16_error_no_worse_than_reference_bf16() -> None:
