@@ -81,6 +81,7 @@ def test_merged_mode_refuses_a_schedule() -> None:
         LoraRuntime(model, [normalized], [[1.0, 0.5]], merged=True)
 
 
+@pytest.mark.isolated  # bf16 matmuls on the CPU: native kernels that may crash some CPUs
 def test_bf16_model() -> None:
     model = tiny_model().to(torch.bfloat16)
     lora, normalized = _normalized(model, 2)

@@ -30,7 +30,7 @@ SETTINGS = {
 }
 
 
-def _pipeline(flat: dict[str, Path], keep_text_encoder: bool = True):
+def _pipeline(flat: dict[str, Path], keep_text_encoder: bool = True, dtype: torch.dtype = F32):
     from models.z_image.pipeline_z_image import LoadOptions, ZImageComponents, ZImagePipeline
 
     components = ZImageComponents(
@@ -41,7 +41,7 @@ def _pipeline(flat: dict[str, Path], keep_text_encoder: bool = True):
         text_encoder_config=flat["text_encoder_config"],
         vae_config=flat["vae_config"],
     )
-    return ZImagePipeline.from_components(components, LoadOptions(dtype=F32, keep_text_encoder=keep_text_encoder))
+    return ZImagePipeline.from_components(components, LoadOptions(dtype=dtype, keep_text_encoder=keep_text_encoder))
 
 
 # -- prompt cache ----------------------------------------------------------------------------------
@@ -272,13 +272,37 @@ def test_transforms_on_a_pipeline_cpu(tiny_flat_layout: dict[str, Path], caplog:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("profile", [1, 4, 5])
 def test_offload_profiles_on_cuda(tiny_flat_layout: dict[str, Path], profile: int) -> None:
-    pipe = _pipeline(tiny_flat_layout)  # loaded on the CPU, as under mmgp
-    options = load_options({"device": "cuda", "dtype": torch.bfloat16, "quantization": "int8", "profile": profile})
+    """As the session loads a model for a bf16 GPU: weights in bf16 on the CPU, mmgp moves them. The VAE
+    stays fp32, the default device is the caller's again, and the image matches the plain CUDA run."""
+    reference = _pipeline(tiny_flat_layout, dtype=torch.bfloat16)
+    for part in (reference.transformer, reference.text_encoder, reference.vae):
+        part.cuda()
+    reference.device = torch.device("cuda")
+    plain = np.asarray(reference.generate(SETTINGS).images[0], dtype=np.int16)
+    reference.release()
+    pipe = _pipeline(tiny_flat_layout, dtype=torch.bfloat16)  # loaded on the CPU, as under mmgp
+    options = load_options({"device": "cuda", "dtype": torch.bfloat16, "quantization": "bf16", "profile": profile})
     apply_lowvram(pipe, options, {})
+    assert torch.get_default_device().type == "cpu"
     assert pipe.batch_cfg == (profile not in (2, 4, 5))  # streaming profiles run guidance branches in turn
+    assert all(p.dtype == F32 for p in pipe.vae.parameters())
+    result = pipe.generate(SETTINGS)
+    assert np.abs(np.asarray(result.images[0], dtype=np.int16) - plain).max() <= 2
+    assert torch.cuda.memory_allocated() < 64 * 2**20  # parts sent back to RAM after the generation
+    pipe.release()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, F32])
+def test_int8_offload_on_cuda_in_the_compute_dtype(tiny_flat_layout: dict[str, Path], dtype: torch.dtype) -> None:
+    """int8 on the fly under profile 4, in bf16 and in fp32 (GPUs below sm80): no mixed q/k/v dtypes."""
+    pipe = _pipeline(tiny_flat_layout, dtype=dtype)
+    options = load_options({"device": "cuda", "dtype": dtype, "quantization": "int8", "profile": 4})
+    apply_lowvram(pipe, options, {})
+    assert pipe.transformer.get_submodule("layers.0.attention.to_v").weight._scale.dtype == dtype
     result = pipe.generate(SETTINGS)
     assert result.images[0].size == (64, 64)
-    assert torch.cuda.memory_allocated() < 64 * 2**20  # parts sent back to RAM after the generation
     pipe.release()
 
 

@@ -76,6 +76,7 @@ def test_real_config_defaults() -> None:
     assert planner.Z_IMAGE.transformer.params == n_params  # the memory planner's size of the real model
 
 
+@pytest.mark.isolated  # bf16 matmuls on the CPU: native kernels that may crash some CPUs
 def test_bf16_error_no_worse_than_reference_bf16() -> None:
     """bf16 has an 8-bit mantissa (relative rounding 2^-9 ~ 0.2% per op), so a bf16 forward drifts from
     fp32 by roughly 0.5-2% over a few blocks. The meaningful bound is relative to the reference run in
