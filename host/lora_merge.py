@@ -61,8 +61,14 @@ def parse_merge_input(text: str) -> MergeInput:
     return MergeInput(Path(text), 1.0)
 
 
-def _factor(parts: list[tuple[float, LoraDelta]], rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Weighted sum of deltas -> (up (out, R), down (R, in), energy kept)."""
+def _factor(
+    parts: list[tuple[float, LoraDelta]], rank: int | None
+) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """Weighted sum of deltas -> (up (out, R), down (R, in), energy kept, the largest rank this module can have).
+
+    That largest rank is the number of singular values: the sum of the input ranks for plain LoRAs, else
+    min(out, in). A larger `rank` is capped to it (the result is then exact).
+    """
     if all(d.kind == "lora" for _, d in parts):
         up = torch.cat([w * d.scale * d.factors["up"].float() for w, d in parts], dim=1)  # (out, sum r)
         down = torch.cat([d.factors["down"].float() for _, d in parts], dim=0)  # (sum r, in)
@@ -77,7 +83,7 @@ def _factor(parts: list[tuple[float, LoraDelta]], rank: int | None) -> tuple[tor
     r = max(1, min(rank or default, s.numel()))
     energy = float((s[:r] ** 2).sum() / (s**2).sum().clamp_min(1e-30))
     root = s[:r].sqrt()
-    return u[:, :r] * root, root[:, None] * vh[:r], energy
+    return u[:, :r] * root, root[:, None] * vh[:r], energy, s.numel()
 
 
 def merge_loras(
@@ -97,15 +103,24 @@ def merge_loras(
             by_module.setdefault(name, []).append((item.weight, delta))
     sd: dict[str, torch.Tensor] = {}
     worst = 1.0
+    capped: dict[str, int] = {}  # module -> the rank it was written at, below the requested one
     for name, parts in sorted(by_module.items()):
-        up, down, energy = _factor(parts, rank)
+        up, down, energy, largest = _factor(parts, rank)
         worst = min(worst, energy)
+        if rank is not None and rank > largest:
+            capped[name] = largest
         sd[f"transformer.{name}.lora_A.weight"] = down.contiguous()
         sd[f"transformer.{name}.lora_B.weight"] = up.contiguous()
         sd[f"transformer.{name}.alpha"] = torch.tensor(float(down.shape[0]), device="cpu")
         biases = [w * d.bias.float() for w, d in parts if d.bias is not None]
         if biases:
             sd[f"transformer.{name}.diff_b"] = sum(biases)
+    if capped:
+        log.warning(
+            "--rank %d is more than %d of %d modules can hold (the sum of their input ranks, or their size): "
+            "those are written at rank %d to %d, which is exact; a lower --rank makes a smaller file",
+            rank, len(capped), len(by_module), min(capped.values()), max(capped.values()),
+        )  # fmt: skip
     return sd, worst
 
 

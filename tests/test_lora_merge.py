@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,37 @@ def test_cli_flag(tmp_path: Path, model, capsys: pytest.CaptureFixture[str]) -> 
     assert load_lora(out, NORMALIZER).report.rank == 6
     assert cli.main(["--merge-loras", str(tmp_path / "missing.safetensors"), "--output", str(out)]) == 1
     assert "not exist" in capsys.readouterr().err
+
+
+def test_a_rank_above_what_the_sum_holds_is_capped_with_a_warning(
+    tmp_path: Path, model, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two rank-4 LoRAs: every module's sum has at most 8 directions, so --rank 64 writes rank 8 (exact) and
+    says so; a rank the sum can hold (3) is written as asked, silently."""
+    a = _save(tmp_path / "a.safetensors", DIALECTS["diffusers"](random_lora(model, seed=2)))
+    b = _save(tmp_path / "b.safetensors", DIALECTS["diffusers"](random_lora(model, seed=3)))
+    out = tmp_path / "r64.safetensors"
+    with caplog.at_level(logging.WARNING, logger="host.lora_merge"):
+        result = merge_main([f"{a}:1", f"{b}:1"], out, NORMALIZER, rank=64)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert result.rank == 8 and result.energy_kept > 0.999999
+    assert len(warnings) == 1 and warnings[0].startswith("--rank 64 is more than") and "rank 8 to 8" in warnings[0]
+    assert f"of {result.modules} modules" in warnings[0]
+    assert load_lora(out, NORMALIZER).report.rank == 8
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="host.lora_merge"):
+        assert merge_main([f"{a}:1", f"{b}:1"], out, NORMALIZER, rank=3).rank == 3
+        assert merge_main([f"{a}:1", f"{b}:1"], out, NORMALIZER).rank == 8  # the default rank: nothing to say
+    assert not caplog.records
+
+
+def test_cli_rank_above_the_sum_warns(tmp_path: Path, model, caplog: pytest.LogCaptureFixture) -> None:
+    from host import cli
+
+    a = _save(tmp_path / "a.safetensors", DIALECTS["musubi"](random_lora(model, seed=2)))
+    b = _save(tmp_path / "b.safetensors", DIALECTS["ai-toolkit"](random_lora(model, seed=3)))
+    out = tmp_path / "cli.safetensors"
+    with caplog.at_level(logging.WARNING, logger="host.lora_merge"):
+        assert cli.main(["--merge-loras", f"{a}:0.7", f"{b}:0.5", "--output", str(out), "--rank", "64"]) == 0
+    assert any(r.getMessage().startswith("--rank 64 is more than") for r in caplog.records)
+    assert load_lora(out, NORMALIZER).report.rank == 8
