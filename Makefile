@@ -15,7 +15,7 @@ ARGS ?=
 run: $(STAMP)  ## web UI on http://127.0.0.1:7860 (the first generation downloads the weights)
 	$(PY) wgp.py $(ARGS)
 
-test: $(STAMP) browser-deps  ## ruff + the test suite (CPU, no downloads)
+test: $(STAMP) browser-deps  ## ruff + the test suite (CPU; the tests download nothing, setup may install requirements and chromium)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
