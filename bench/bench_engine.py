@@ -3,10 +3,14 @@
 One run builds a "mid" model (matrix work dominates: dim 768, 1024 image tokens), saves it with
 diffusers' own save_pretrained, then runs each implementation in a fresh child process (so peak RSS
 is that implementation's own) and reports time and peak-memory ratios (ours / theirs), the largest
-pixel difference, and the fraction of this machine's fp32 matmul rate the transformer forward reaches.
+pixel difference, and the fraction of this machine's fp32 matmul rate the transformer forward reaches
+(the reference of bench/rates.py, shared with bench_transformer.py).
 
-    .venv/bin/python bench/bench_engine.py            # CPU, fp32, mid config
-    .venv/bin/python bench/bench_engine.py --full     # CUDA only: full-size 6B config, bf16, 1024x1024
+    .venv/bin/python bench/bench_engine.py                   # CPU, fp32, mid config
+    .venv/bin/python bench/bench_engine.py --fraction-only   # only the matmul-rate fraction (about a minute)
+
+CPU and fp32 only. The full-size 6B check on a CUDA GPU is bench/bench_transformer.py (one transformer step,
+ours vs diffusers on the same tensors).
 """
 
 from __future__ import annotations
@@ -94,31 +98,27 @@ def run_child(impl: str, folder: Path, out: Path) -> None:
     out.write_text(json.dumps({"load_s": load_s, "generate_s": gen_s, "peak_rss": peak}))
 
 
-def forward_fraction(folder: Path) -> dict[str, float]:
-    """Matmul rate of this machine vs the rate our transformer forward achieves (same process)."""
+def forward_fraction(folder: Path, reps: int = 3) -> dict:
+    """The rate our transformer forward achieves vs this machine's matmul rate (bench/rates.py), same process.
+
+    The forward: batch 2 (CFG) at 512x512 (1024 image tokens) with a 20-token caption (padded to 32), best of
+    `reps` after a warm-up, a burst of reference matmuls before each.
+    """
     import torch
 
+    from bench.rates import MatmulReference, time_alternating
     from models.z_image.loading_z_image import load_transformer
-
-    n = 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    reps = 10
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    matmul_rate = 2 * n**3 * reps / (time.perf_counter() - t0)
 
     model = load_transformer(folder / "transformer", None, torch.float32, "cpu").eval()
     cfg = model.config
     x, t, caps = torch.randn(2, 16, 64, 64), torch.rand(2), [torch.randn(20, cfg.cap_feat_dim)] * 2
+    reference = MatmulReference("cpu", torch.float32)
     with torch.no_grad():
-        model(x, t, caps)
-        t0 = time.perf_counter()
-        model(x, t, caps)
-        dt = time.perf_counter() - t0
+        seconds, _ = time_alternating({"forward": lambda: model(x, t, caps)}, "cpu", reps, reference)["forward"]
     flops = transformer_flops(cfg, batch=2, img_tokens=1024, cap_tokens=32)
-    return {"matmul_gflops": matmul_rate / 1e9, "forward_gflops": flops / dt / 1e9, "fraction": flops / dt / matmul_rate}
+    rate = reference.rate
+    return {"matmul_gflops": rate / 1e9, "forward_gflops": flops / seconds / 1e9, "fraction": flops / seconds / rate,
+            "reference": reference.describe(), "reps": reps}
 
 
 def transformer_flops(cfg, batch: int, img_tokens: int, cap_tokens: int) -> float:
@@ -135,9 +135,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", nargs=3, metavar=("IMPL", "FOLDER", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=2, help="runs per implementation; the best is reported")
+    parser.add_argument("--fraction-only", action="store_true", help="only the forward's share of the matmul rate")
     args = parser.parse_args()
     if args.child:
         run_child(args.child[0], Path(args.child[1]), Path(args.child[2]))
+        return
+    if args.fraction_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            build(Path(tmp) / "mid")
+            print_fraction(forward_fraction(Path(tmp) / "mid"))
         return
     import numpy as np
 
@@ -167,8 +173,13 @@ def main() -> None:
     for impl in ("ours", "ours-lowram"):
         diff = int(np.abs(results[impl]["image"].astype(int) - ref["image"].astype(int)).max())
         print(f"max pixel difference {impl} vs diffusers: {diff}/255")
-    print(f"matmul rate {frac['matmul_gflops']:.1f} GFLOP/s; transformer forward {frac['forward_gflops']:.1f} GFLOP/s "
-          f"= {100 * frac['fraction']:.0f}% of it")
+    print_fraction(frac)
+
+
+def print_fraction(frac: dict) -> None:
+    print(f"matmul rate {frac['matmul_gflops']:.1f} GFLOP/s ({frac['reference']}); transformer forward "
+          f"(batch 2, 512x512, best of {frac['reps']}) {frac['forward_gflops']:.1f} GFLOP/s = "
+          f"{100 * frac['fraction']:.0f}% of it")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ memory, and the planner's CPU prediction against measured peak RSS.
 
     .venv/bin/python bench/bench_lowvram.py            # all, CPU fp32 (prints a Markdown table)
     .venv/bin/python bench/bench_lowvram.py --vae      # only the VAE decode memory
+    .venv/bin/python bench/bench_lowvram.py --forward  # only the mid config's forward table (fp32, int8)
 
 Each memory case runs in a fresh subprocess, so its peak RSS (VmHWM) is its own; the figure is the
 peak minus the RSS after imports. Random weights in the real layouts; nothing is downloaded.
@@ -88,12 +89,17 @@ def case_load(path: str) -> dict:
 
 
 def case_forward(path: str, quantization: str, size: int) -> dict:
-    """Load (quantizing on the fly for int8) + one forward at size x size: peak RSS, time, output."""
+    """Load + one forward at size x size (fp32 activations): peak RSS, time, output.
+
+    quantization: "fp32" (the fp32 file as is), "int8" (the fp32 file quantized on the fly) or "int8-file"
+    (an int8 quanto file, read without a full-precision copy).
+    """
     import torch
 
-    from host.quantize import quantize_model
+    from host.quantize import load_quanto, quantize_model
     from models.z_image import loading_z_image as loading
 
+    loading.register_quantized_loader(load_quanto)
     base = rss_gb()
     model = loading.load_transformer(Path(path), None, torch.float32)
     if quantization == "int8":
@@ -147,11 +153,7 @@ def bench_vae() -> list[str]:
     return rows
 
 
-def bench_load_and_quality(folder: Path) -> list[str]:
-    import torch
-
-    from host.planner import ModelSizes, PartSize, cpu_peak_rss_gb
-
+def bench_load(folder: Path) -> list[str]:
     rows = ["| case | file size | peak RSS over baseline | ratio | seconds |", "|---|---|---|---|---|"]
     wide = write_model(folder / "wide", WIDE)
     for name, path in wide.items():
@@ -160,29 +162,52 @@ def bench_load_and_quality(folder: Path) -> list[str]:
         ratio = r["peak_gb"] / size
         peak, seconds = r["peak_gb"], r["load_s"]
         rows.append(f"| load {name} (dim 1536) | {size:.2f} GB | {peak:.2f} GB | {ratio:.2f} x | {seconds:.2f} |")
-    mid = write_model(folder / "mid", MID)
-    results = {q: run_case("forward", str(mid["fp32"]), q, "512") for q in ("fp32", "int8")}
-    ref, out = (torch.load(mid["fp32"].with_name(f"out_{q}.pt")) for q in ("fp32", "int8"))
-    err = float((out - ref).norm() / ref.norm())
-    rows += [
-        "",
-        "| mid config, 512x512, one forward | seconds | peak RSS (load + forward) | planner prediction |",
-        "|---|---|---|---|",
-    ]
+    return rows
+
+
+# (label, case quantization, file, the planner's weight format for it)
+FORWARD_CASES = (
+    ("fp32 file", "fp32", "fp32", "fp32"),
+    ("int8 file (fp32 scales and full-precision parts)", "int8-file", "int8", "int8"),
+    ("int8 quantized on the fly from the fp32 file", "int8", "fp32", "int8"),
+)
+
+
+def bench_forward(folder: Path) -> list[str]:
+    """The mid config at 512x512: seconds, measured peak RSS, and the planner's own CPU prediction
+    (`cpu_peak_rss_gb` for that weight format: weights + one forward's activations)."""
+    import torch
+
+    from host.planner import ModelSizes, PartSize, cpu_peak_rss_gb
     from host.quantize import quantize_model
     from models.z_image import loading_z_image as loading
+    from models.z_image.facts_z_image import FACTS
 
+    mid = write_model(folder / "mid", MID)
+    results = {case: run_case("forward", str(mid[file]), case, "512") for _, case, file, _ in FORWARD_CASES}
+    ref = torch.load(mid["fp32"].with_name("out_fp32.pt"))
+    errors = {case: float((torch.load(mid["fp32"].with_name(f"out_{case}.pt")) - ref).norm() / ref.norm())
+              for case in ("int8", "int8-file")}  # fmt: skip
     model = loading.load_transformer(mid["fp32"], None, torch.float32)
     total = sum(p.numel() for p in model.parameters())
     quantize_model(model)
     full = sum(p.numel() for p in model.parameters() if p.dtype.is_floating_point and type(p) is torch.nn.Parameter)
-    sizes = ModelSizes(PartSize(total, total - full), PartSize(0, 0), 0, MID["dim"], int(MID["dim"] / 3 * 8), 0)
-    for q, r in results.items():
-        # int8 is quantized on the fly from the fp32 file: the fp32 pages stay mapped beside the int8 copy.
-        extra = sizes.transformer.quantizable / 1e9 if q == "int8" else 0.0
-        predicted = cpu_peak_rss_gb(sizes, 512, 512, "fp32") + extra
-        rows.append(f"| {q} | {r['forward_s']:.3f} | {r['peak_gb']:.3f} GB | {predicted:.3f} GB |")
-    rows.append(f"\nint8 vs fp32 output: relative L2 error {err:.4f}")
+    # The released model's patch, VAE scale and caption padding (Z-Image's facts); the widths are MID's.
+    sizes = ModelSizes(
+        PartSize(total, total - full), PartSize(0, 0), 0, MID["dim"], int(MID["dim"] / 3 * 8), 0,
+        patch=FACTS.patch, vae_scale=FACTS.latent.pixels_per_latent, token_multiple=FACTS.text_token_multiple,
+    )
+    rows = [
+        "| mid config, 512x512, one forward | seconds | peak RSS (load + forward) | planner prediction |",
+        "|---|---|---|---|",
+    ]
+    for label, case, _, planner_format in FORWARD_CASES:
+        r = results[case]
+        predicted = cpu_peak_rss_gb(sizes, 512, 512, planner_format)
+        rows.append(f"| {label} | {r['forward_s']:.3f} | {r['peak_gb']:.3f} GB | {predicted:.3f} GB ({planner_format}) |")
+    rows.append(
+        f"\nint8 vs fp32 output: relative L2 error {errors['int8']:.4f} (on the fly), {errors['int8-file']:.4f} (int8 file)"
+    )
     return rows
 
 
@@ -190,6 +215,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--vae", action="store_true", help="only the VAE decode memory")
+    parser.add_argument("--forward", action="store_true", help="only the mid config's forward table")
     args = parser.parse_args()
     if args.case:
         name, *rest = args.case
@@ -200,10 +226,13 @@ def main() -> None:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, fp32")
-    rows = bench_vae()
-    if not args.vae:
-        with tempfile.TemporaryDirectory() as tmp:
-            rows += [""] + bench_load_and_quality(Path(tmp))
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.forward:
+            rows = bench_forward(Path(tmp))
+        else:
+            rows = bench_vae()
+            if not args.vae:
+                rows += [""] + bench_load(Path(tmp)) + [""] + bench_forward(Path(tmp))
     print("\n".join(rows))
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_engine import MID, transformer_flops  # noqa: E402
+from bench.rates import MatmulReference, time_alternating  # noqa: E402
 from models.z_image.transformer_z_image import ZImageConfig, ZImageTransformer  # noqa: E402
 
 CONFIGS = {"full": ZImageConfig(), "mid": ZImageConfig.from_dict(MID["transformer"])}
@@ -44,30 +44,6 @@ def build_pair(cfg: ZImageConfig, device: str, dtype: torch.dtype) -> tuple[torc
     return ours.eval(), ref.eval()
 
 
-def time_call(fn, device: str, reps: int) -> tuple[float, int]:
-    """Best wall time of `reps` calls after one warm-up, and the peak memory of one call (CUDA only)."""
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
-    return best, peak
-
-
-def matmul_rate(device: str, dtype: torch.dtype) -> float:
-    n = 8192 if device == "cuda" else 3072
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    seconds, _ = time_call(lambda: a @ b, device, reps=10)  # best of 10: the machine's sustained peak
-    return 2 * n**3 / seconds
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=CONFIGS, default="full")
@@ -75,7 +51,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels")
     parser.add_argument("--caption", type=int, default=512, help="caption tokens")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=4, help="timed rounds; the order alternates each round")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA GPU here: run on a GPU machine, or use --config mid --device cpu --dtype fp32")
@@ -85,14 +61,19 @@ def main() -> None:
     x = torch.randn(1, 16, side, side, device=device, dtype=dtype)
     t = torch.full((1,), 0.5, device=device)
     caps = [torch.randn(args.caption, cfg.cap_feat_dim, device=device, dtype=dtype)]
+    calls = {
+        "ours": lambda: ours(x, t, caps),
+        "diffusers": lambda: ref(list(x.unsqueeze(2).unbind(0)), t, caps, return_dict=False),
+    }
+    reference = MatmulReference(device, dtype)
     with torch.no_grad():
-        ours_s, ours_peak = time_call(lambda: ours(x, t, caps), device, args.reps)
-        ref_s, ref_peak = time_call(lambda: ref(list(x.unsqueeze(2).unbind(0)), t, caps, return_dict=False), device,
-                                    args.reps)
+        timed = time_alternating(calls, device, args.reps, reference)
+    (ours_s, ours_peak), (ref_s, ref_peak) = timed["ours"], timed["diffusers"]
     flops = transformer_flops(cfg, batch=1, img_tokens=(side // 2) ** 2, cap_tokens=args.caption)
-    rate = matmul_rate(device, dtype)
+    rate = reference.rate
     print(f"{args.config} config, {args.size}x{args.size}, {args.caption}-token caption, {args.dtype}, {device}: "
-          f"{flops / 1e12:.1f} TFLOP per forward; matmul rate {rate / 1e12:.2f} TFLOP/s")
+          f"{flops / 1e12:.1f} TFLOP per forward; matmul rate {rate / 1e12:.2f} TFLOP/s ({reference.describe()}); "
+          f"best of {args.reps} rounds, order alternating")
     print(f"{'':16}{'diffusers':>12}{'ours':>12}{'ours/theirs':>14}")
     print(f"{'s / step':16}{ref_s:12.3f}{ours_s:12.3f}{ours_s / ref_s:14.3f}")
     if device == "cuda":
