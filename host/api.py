@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from host import settings as host_settings
-from host.session import HostConfig, Session, TaskResult
+from host.session import Destination, HostConfig, Session, TaskResult
 
 _SESSION: Session | None = None
 
@@ -46,9 +46,8 @@ class Model:
         task = self.session.prepare(raw, "generate()")
         if output_dir is not None:  # a folder that cannot take the images fails now, not after generating
             self.session.check_destination(Path(output_dir))
-        self.last_result = self.session.run(task)
-        if output_dir is not None:
-            self.session.save(self.last_result, Path(output_dir))
+        save_to = Destination(Path(output_dir)) if output_dir is not None else None
+        self.last_result = self.session.run(task, save_to=save_to)
         return self.last_result.images
 
     @property

@@ -16,10 +16,9 @@ from typing import Any
 
 from common.errors import GenerationCancelled, UserInputError
 from host import PROGRAM_NAME, __version__, lora_cli, lowvram_cli
-from host.lora import LoraReport
 from host.outputs import EXTENSIONS
 from host.progress import ProgressBar, timing_line
-from host.session import HostConfig, Session
+from host.session import Destination, HostConfig, Phase, Session
 from host.tasks import PreparedTask, RawTask, prepare_tasks, read_task_files
 
 log = logging.getLogger(__name__)
@@ -237,8 +236,8 @@ def _run_one(session: Session, item: PreparedTask, label: str, output_dir: Path 
     print(f"{label} {task.model_type}: {str(task.settings.get('prompt', ''))[:70]!r}")
     bar = ProgressBar(f"{label} {task.model_type}")
     try:
-        result = session.run(task, on_step=bar, on_loaded=_print_lora_reports)
-        paths = session.save(result, output_dir, output_file)
+        result = session.run(task, on_step=bar, on_phase=_print_lora_reports, save_to=Destination(output_dir, output_file))
+        paths = result.paths
     except (UserInputError, GenerationCancelled) as exc:
         bar.close()
         item.error = str(exc)
@@ -258,10 +257,12 @@ def _run_one(session: Session, item: PreparedTask, label: str, output_dir: Path 
     return True
 
 
-def _print_lora_reports(reports: list[LoraReport]) -> None:
-    """One line per LoRA on the model, before the progress bar: dialect, modules matched, rank, multiplier."""
-    for report in reports:
-        print(f"  {report.summary()}")
+def _print_lora_reports(phase: Phase) -> None:
+    """Once the model is loaded: one line per LoRA on it, before the progress bar (dialect, modules matched,
+    rank, multiplier)."""
+    if phase.name == "loaded":
+        for report in phase.detail["lora_reports"]:
+            print(f"  {report.summary()}")
 
 
 def _report_failure(where: str, message: str) -> None:

@@ -3,19 +3,21 @@
 - `compute_dtype`: the weights/compute dtype for a device, chosen once at the edge: bf16 on GPUs with
   native bf16 (compute capability >= 8.0), fp32 elsewhere. fp16 is refused: Z-Image's activations
   exceed fp16's range (65504) in the residual stream, which turns the image into NaN (black).
-- `guard_vae_decode`: decoded pixels with NaN/inf, or an all-black decode, raise
+- `BlackImageGuard`: decoded pixels with NaN/inf, or an all-black decode, raise
   `NonFiniteOutputError` with what to change instead of being saved.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from common.errors import NonFiniteOutputError, SettingsError
+from host.transforms import hooks_of
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +65,20 @@ def check_pixels(pixels: torch.Tensor) -> None:
         )
 
 
-def guard_vae_decode(vae: Any) -> Any:
-    """Check every decode of this VAE with `check_pixels` (idempotent); returns vae."""
-    if getattr(vae, "_guarded", False):
-        return vae
-    inner = vae.decode
+@dataclass
+class BlackImageGuard:
+    """`check_pixels` on every decode of the model, outermost on its `decode` hook (a transform)."""
 
-    @functools.wraps(inner)
-    def decode(z: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        out = inner(z, *args, **kwargs)
-        check_pixels(out[0] if isinstance(out, tuple) else out.sample)
-        return out
+    name: str = "black_image_guard"
+    reversible: bool = True
 
-    vae.decode = decode
-    vae._guarded = True
-    return vae
+    def apply(self, model: Any) -> None:
+        def guarded(call_next: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+            pixels = call_next(z)
+            check_pixels(pixels)
+            return pixels
+
+        hooks_of(model).decode.add(self.name, guarded, outermost=True)
+
+    def remove(self, model: Any) -> None:
+        hooks_of(model).decode.remove(self.name)

@@ -14,11 +14,9 @@ code when opened.
 from __future__ import annotations
 
 import argparse
-import functools
-import inspect
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +28,7 @@ from common.errors import CheckpointError, SettingsError
 from common.lora_delta import NormalizedLora
 from host.lora_apply import LoraRuntime, linear_shapes
 from host.lora_metadata import apply_adapter_metadata, read_adapter_metadata
+from host.transforms import component, hooks_of
 
 log = logging.getLogger(__name__)
 
@@ -284,63 +283,75 @@ def parse_multipliers(text: str | Sequence[Any], n_loras: int) -> list[list[floa
 # -- the seam the session calls -----------------------------------------------------------------
 
 
+@dataclass
+class LoraTransform:
+    """LoRA files on a loaded model's `transformer` (a transform, host/transforms.py).
+
+    Runtime mode adds PyTorch forward hooks to the matched Linears (the weights stay untouched); merged mode
+    adds the deltas into the weights and restores them on removal. Per-step schedules follow the model's
+    `before_step` hook. `reports` holds one LoraReport per file once applied. Any error while loading
+    leaves the model as it was.
+    """
+
+    paths: Sequence[Path]
+    multipliers: str | Sequence[Any]
+    normalizer: LoraNormalizer | None = None
+    merged: bool = False
+    name: str = "loras"
+    reversible: bool = True
+    runtime: LoraRuntime | None = None
+    reports: list[LoraReport] = field(default_factory=list)
+    _loaded: Any = field(default=None, repr=False)  # (transformer, schedules, files) between load and apply
+
+    def load(self, model: Any) -> None:
+        """Read, check and normalise the files for this model (nothing attached yet: an error here leaves
+        the model and any LoRAs on it untouched). `apply` calls it when it was not called before."""
+        target = component(model, "transformer")
+        if not isinstance(target, torch.nn.Module):
+            raise SettingsError("this model has no `transformer` module to apply LoRAs to")
+        schedules = parse_multipliers(self.multipliers, len(self.paths))
+        if hooks_of(model) is None and any(len(set(s)) > 1 for s in schedules):
+            raise SettingsError("per-step LoRA multipliers need a model with step hooks; give one value per LoRA")
+        normalizer = self.normalizer or _find_normalizer(model)
+        shapes = linear_shapes(target)
+        self._loaded = (target, schedules, [load_lora(Path(p), normalizer, shapes) for p in self.paths])
+
+    def apply(self, model: Any) -> None:
+        if self._loaded is None:
+            self.load(model)
+        target, schedules, loaded = self._loaded
+        self.runtime = LoraRuntime(target, [x.lora for x in loaded], schedules, merged=self.merged)
+        for x, values in zip(loaded, schedules, strict=True):
+            x.report.multiplier = ",".join(f"{v:g}" for v in values)
+            log.info("%s", x.report.summary())
+        self.reports, self._loaded = [x.report for x in loaded], None
+        hooks = hooks_of(model)
+        if hooks is not None:
+            hooks.before_step.add(self.name, self.runtime.before_step)
+
+    def remove(self, model: Any) -> None:
+        """Detach: the outputs become exactly the original ones."""
+        hooks = hooks_of(model)
+        if hooks is not None:
+            hooks.before_step.remove(self.name)
+        if self.runtime is not None:
+            self.runtime.detach()
+            self.runtime = None
+        self.reports = []
+
+
 def apply_loras(
     model: Any,
     paths: Sequence[Path],
     multipliers: str | Sequence[Any],
     normalizer: LoraNormalizer | None = None,
     merged: bool = False,
-) -> Any:
-    """Attach LoRA files to a loaded model (its `transformer`) and return it.
-
-    Per-step schedules follow the model's step callbacks: `generate` is wrapped so the multipliers are
-    set before every step. Sets `model.lora_runtime` (detach with `remove_loras`) and
-    `model.lora_reports` (one LoraReport per file). Any error leaves the model as it was.
-    """
-    target = getattr(model, "transformer", None)
-    if not isinstance(target, torch.nn.Module):
-        raise SettingsError("this model has no `transformer` module to apply LoRAs to")
-    normalizer = normalizer or _find_normalizer(model)
-    schedules = parse_multipliers(multipliers, len(paths))
-    shapes = linear_shapes(target)
-    loaded = [load_lora(Path(p), normalizer, shapes) for p in paths]
-    remove_loras(model)
-    runtime = LoraRuntime(target, [x.lora for x in loaded], schedules, merged=merged)
-    for x, values in zip(loaded, schedules, strict=True):
-        x.report.multiplier = ",".join(f"{v:g}" for v in values)
-        log.info("%s", x.report.summary())
-    model.lora_runtime, model.lora_reports = runtime, [x.report for x in loaded]
-    _wrap_generate(model)
-    return model
-
-
-def remove_loras(model: Any) -> None:
-    """Detach the LoRAs `apply_loras` attached (outputs become exactly the original ones)."""
-    runtime = getattr(model, "lora_runtime", None)
-    if runtime is not None:
-        runtime.detach()
-        model.lora_runtime, model.lora_reports = None, []
-
-
-def _wrap_generate(model: Any) -> None:
-    """Route the step callbacks through the runtime (once per model object)."""
-    if getattr(model, "_lora_generate_wrapped", False):
-        return
-    generate = model.generate
-    takes_before_step = "before_step" in inspect.signature(generate).parameters
-
-    @functools.wraps(generate)
-    def generate_with_loras(settings: Any, on_step: Callable | None = None, **kwargs: Any) -> Any:
-        runtime = getattr(model, "lora_runtime", None)
-        if runtime is None:
-            return generate(settings, on_step, **kwargs)
-        runtime.set_step(0)
-        if takes_before_step and "before_step" not in kwargs:
-            return generate(settings, on_step, before_step=runtime.before_step, **kwargs)
-        return generate(settings, runtime.wrap_callback(on_step), **kwargs)
-
-    model.generate = generate_with_loras
-    model._lora_generate_wrapped = True
+) -> LoraTransform:
+    """Attach LoRA files to a loaded model; returns the applied transform (`.remove(model)` detaches,
+    `.reports` has the load reports). The session keeps it in its transform stack instead."""
+    transform = LoraTransform(list(paths), multipliers, normalizer, merged)
+    transform.apply(model)
+    return transform
 
 
 def _find_normalizer(model: Any) -> LoraNormalizer:

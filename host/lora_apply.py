@@ -15,7 +15,7 @@ LoRA into the key set mmgp reads (the adapter point; see `host/offload.py`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -132,7 +132,7 @@ class _ModuleHook:
 
 
 class LoraRuntime:
-    """LoRAs attached to one model. Set the step before each model call (or pass `on_step` events)."""
+    """LoRAs attached to one model. Call `before_step(step, total)` before each denoising step (schedules)."""
 
     def __init__(self, model: nn.Module, loras: Sequence[NormalizedLora], schedules: Schedule, merged: bool = False):
         if len(schedules) != len(loras):
@@ -145,7 +145,6 @@ class LoraRuntime:
         self.total_steps = 1
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self.log: list[tuple[int, list[float]]] = []  # (step, multipliers) each time they are set
         by_module = _group(model, loras)
         if merged:
             self._merge(by_module)
@@ -159,7 +158,6 @@ class LoraRuntime:
         if total is not None:
             self.total_steps = total
         new = [multiplier_at(s, step, self.total_steps) for s in self.schedules]
-        self.log.append((step, new))
         if new != self.multipliers:
             if self.merged:
                 raise SettingsError("per-step LoRA multipliers need runtime mode; merged LoRAs are fixed")
@@ -168,21 +166,6 @@ class LoraRuntime:
     def before_step(self, step: int, total: int) -> None:
         """Hook for a pipeline that calls back before each step (0-based)."""
         self.set_step(step, total)
-
-    def on_step(self, event) -> None:
-        """Progress-callback form: after step `event.step` (1-based) of `event.total`, prepare the next one."""
-        if event.step < event.total:
-            self.set_step(event.step, event.total)
-
-    def wrap_callback(self, inner: Callable | None) -> Callable:
-        """A progress callback that updates multipliers, then calls the host's own callback."""
-
-        def callback(event) -> None:
-            self.on_step(event)
-            if inner is not None:
-                inner(event)
-
-        return callback
 
     # -- attach / detach -----------------------------------------------------------------------
 

@@ -1,25 +1,27 @@
 """The low-VRAM transforms applied, in order, to a model a family just built (host side, model-agnostic).
 
 `load_options` adjusts what the family is asked to load (CPU first under mmgp, a lazily loaded text
-encoder, the int8 file loader); `apply_lowvram` then quantizes on the fly (int8 asked, no int8 file),
-attaches the prompt cache, VAE tiling and the black-image guard, and offloads with mmgp on CUDA.
-The model is duck-typed: `transformer`, `text_encoder`, `vae`, `encode_prompt`, `device` attributes
-(the Z-Image pipeline's); what a model lacks is skipped.
+encoder, the int8 file loader); `lowvram_transforms` lists the transforms for a run, in order: int8
+(quantize on the fly when int8 is asked and no int8 file was loaded; int8 layers in the compute dtype,
+fp32 on the CPU), the prompt cache, VAE tiling, the black-image guard, sequential guidance branches for
+the streaming profiles, and mmgp offload on CUDA. `apply_lowvram` applies them and returns the stack
+the session keeps (host/transforms.py). A transform skips what the model does not offer.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from host import offload as offload_mod
-from host.guards import compute_dtype, guard_vae_decode
-from host.prompt_cache import attach_prompt_cache, file_identity
+from host.guards import BlackImageGuard, compute_dtype
+from host.prompt_cache import PromptCacheTransform, file_identity
 from host.quantize import cpu_safe_int8, is_quantized, load_quanto, quantize_model, set_int8_dtype
-from host.vae_tiling import TilingOptions, enable_tiling
+from host.transforms import Transform, TransformStack, component, hooks_of
+from host.vae_tiling import TilingOptions, VaeTilingTransform
 
 log = logging.getLogger(__name__)
 
@@ -53,62 +55,88 @@ def _load_quanto_cpu(model: Any, files: list[Path], dtype: Any, device: Any) -> 
     return cpu_safe_int8(load_quanto(model, files, dtype, device))
 
 
-def apply_lowvram(model: Any, options: Mapping[str, Any], files: Mapping[str, Path] | None = None) -> Any:
-    """Apply the transforms to a built model in place; returns it (same object).
+def lowvram_transforms(options: Mapping[str, Any], files: Mapping[str, Path] | None = None) -> list[Transform]:
+    """The low-VRAM transforms for a run, in the order they apply.
 
-    options: `load_options`' result (compute_device or device, quantization, profile), optionally
-    vae_tiling ("auto"/"always"/"never").
+    options: `load_options`' result (compute_device or device, dtype, quantization, profile), optionally
+    vae_tiling ("auto"/"always"/"never"). files: role -> path (the text encoder's identity keys the cache).
     """
     device = options.get("compute_device", options["device"])
     files = files or {}
-    transformer = getattr(model, "transformer", None)
-    if options.get("quantization") == "int8" and transformer is not None and not is_quantized(transformer):
-        log.info("no int8 file for the transformer: quantizing it on the fly")
-        quantize_model(transformer, dtype=options.get("dtype"))
-    _align_int8(model, device, options.get("dtype"))
-    if hasattr(model, "encode_prompt"):
-        attach_prompt_cache(model, file_identity(files.get("text_encoder")))
-    vae = getattr(model, "vae", None)
-    if vae is not None:
-        enable_tiling(vae, TilingOptions(mode=options.get("vae_tiling", "auto")))
-        guard_vae_decode(vae)
     profile = offload_mod.resolve_profile(options.get("profile", "auto"), device)
-    if profile in LOW_VRAM_PROFILES and hasattr(model, "batch_cfg"):
-        model.batch_cfg = False  # guidance branches one after the other: half the activation memory
-    handle = offload_mod.apply_offload(model, options.get("profile", "auto"), device, options.get("dtype"))
-    _release_after_generation(model, handle)
-    return model
+    transforms: list[Transform] = [
+        Int8Transform(options.get("quantization") == "int8", device, options.get("dtype")),
+        PromptCacheTransform(file_identity(files.get("text_encoder"))),
+        VaeTilingTransform(TilingOptions(mode=options.get("vae_tiling", "auto"))),
+        BlackImageGuard(),
+    ]
+    if profile in LOW_VRAM_PROFILES:
+        transforms.append(SequentialGuidance())
+    transforms.append(offload_mod.OffloadTransform(options.get("profile", "auto"), device, options.get("dtype")))
+    return transforms
 
 
-def _align_int8(model: Any, device: str, dtype: Any) -> None:
-    """int8 layers compute in the compute dtype (their scales decide it); on the CPU always in fp32."""
-    for name in INT8_PARTS:
-        part = getattr(model, name, None)
-        if part is None or not is_quantized(part):
+def apply_lowvram(model: Any, options: Mapping[str, Any], files: Mapping[str, Path] | None = None) -> TransformStack:
+    """Apply `lowvram_transforms` to a built model; returns the stack (its `model` is the same object).
+
+    Transforms that need a hook point the model lacks (a model without `hooks`) are skipped.
+    """
+    stack = TransformStack(model)
+    for transform in lowvram_transforms(options, files):
+        if _needs_hooks(transform) and hooks_of(model) is None:
+            log.debug("%s: the model offers no hooks; %s skipped", type(model).__name__, transform.name)
             continue
-        if not str(device).startswith("cuda"):
-            cpu_safe_int8(part)
-        elif dtype is not None:
-            set_int8_dtype(part, dtype)
+        stack.push(transform)
+    return stack
 
 
-def _release_after_generation(model: Any, handle: offload_mod.OffloadHandle) -> None:
-    """After each `generate`, send the parts back to RAM; `release` also undoes the offload."""
-    if getattr(model, "_offload_handle", None) is not None or not hasattr(model, "generate"):
-        return
-    model._offload_handle = handle
-    generate, release = model.generate, model.release
+def _needs_hooks(transform: Transform) -> bool:
+    return isinstance(transform, (PromptCacheTransform, VaeTilingTransform, BlackImageGuard))
 
-    @functools.wraps(generate)
-    def generate_then_free(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return generate(*args, **kwargs)
-        finally:
-            handle.after_generation()
 
-    @functools.wraps(release)
-    def release_all() -> None:
-        handle.release()
-        release()
+@dataclass
+class Int8Transform:
+    """int8 weights: the transformer quantized on the fly when int8 is asked and none was loaded; every
+    part's int8 layers compute in the compute dtype (on the CPU always fp32: see host/quantize.py).
+    Irreversible in place: the weights stay int8 until the model is reloaded."""
 
-    model.generate, model.release = generate_then_free, release_all
+    quantize: bool
+    device: str
+    dtype: Any = None
+    name: str = "int8"
+    reversible: bool = False
+
+    def apply(self, model: Any) -> None:
+        transformer = component(model, "transformer")
+        if self.quantize and transformer is not None and not is_quantized(transformer):
+            log.info("no int8 file for the transformer: quantizing it on the fly")
+            quantize_model(transformer, dtype=self.dtype)
+        for name in INT8_PARTS:
+            part = component(model, name)
+            if part is None or not is_quantized(part):
+                continue
+            if not str(self.device).startswith("cuda"):
+                cpu_safe_int8(part)
+            elif self.dtype is not None:
+                set_int8_dtype(part, self.dtype)
+
+    def remove(self, model: Any) -> None:
+        """Nothing to undo in place (the stack refuses to pop it; clearing it at release is fine)."""
+
+
+@dataclass
+class SequentialGuidance:
+    """Run the guidance branches one after the other (half the activation memory) on a model with
+    `batch_cfg`; the streaming profiles use it, where VRAM is the limit."""
+
+    name: str = "sequential_guidance"
+    reversible: bool = True
+    previous: bool | None = None
+
+    def apply(self, model: Any) -> None:
+        if hasattr(model, "batch_cfg"):
+            self.previous, model.batch_cfg = model.batch_cfg, False
+
+    def remove(self, model: Any) -> None:
+        if self.previous is not None:
+            model.batch_cfg = self.previous

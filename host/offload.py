@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from common.errors import SettingsError
+from host.transforms import component, hooks_of
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def apply_offload(pipe: Any, profile: int | str | None, device: str, dtype: torc
     from host.mmgp_import import import_mmgp_offload
 
     offload = import_mmgp_offload()
-    parts = {name: getattr(pipe, name, None) for name in COMPONENTS}
+    parts = {name: component(pipe, name) for name in COMPONENTS}
     missing = [name for name, part in parts.items() if part is None]
     if missing:
         raise SettingsError(f"offload needs every part loaded; missing: {', '.join(missing)}")
@@ -157,3 +158,32 @@ def _float_dtype(module: Any) -> torch.dtype:
         if tensor.is_floating_point() and type(tensor) in (torch.Tensor, torch.nn.Parameter):
             return tensor.dtype
     return torch.float32
+
+
+@dataclass
+class OffloadTransform:
+    """mmgp offload as a transform: applied after the others (it wraps the parts' forwards last); after each
+    generation the parts go back to RAM; removing it, or releasing the model, undoes the offload."""
+
+    profile: int | str | None
+    device: str
+    dtype: torch.dtype | None = None
+    name: str = "offload"
+    reversible: bool = True
+    handle: OffloadHandle | None = None
+
+    def apply(self, model: Any) -> None:
+        self.handle = apply_offload(model, self.profile, self.device, self.dtype)
+        hooks = hooks_of(model)
+        if hooks is not None:
+            hooks.after_generate.add(self.name, self.handle.after_generation)
+            hooks.on_release.add(self.name, self.handle.release)
+
+    def remove(self, model: Any) -> None:
+        hooks = hooks_of(model)
+        if hooks is not None:
+            hooks.after_generate.remove(self.name)
+            hooks.on_release.remove(self.name)
+        if self.handle is not None:
+            self.handle.release()
+            self.handle = None

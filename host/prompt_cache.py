@@ -12,11 +12,11 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
+from host.transforms import hooks_of
 
 log = logging.getLogger(__name__)
 
@@ -77,24 +77,19 @@ class PromptCache:
         self._entries.clear()
         self.bytes = 0
 
-    def wrap(
-        self, encode: Callable[[str, int], Any], identity: Hashable, device: Callable[[], torch.device | str]
-    ) -> Callable[[str, int], Any]:
-        """A caching version of `encode(prompt, max_sequence_length) -> value with an .embeds tensor`.
+    def lookup(
+        self, encode: Callable[[str, int], Any], prompt: str, max_sequence_length: int, identity: Hashable, device: Any
+    ) -> Any:
+        """`encode(prompt, max_sequence_length)` (a value with an `.embeds` tensor), or its cached copy.
 
-        device() gives where a hit goes (read at each call: offloading may change the pipeline's device).
+        The key is (prompt, max_sequence_length, identity); a hit goes to `device`.
         """
-
-        def cached(prompt: str, max_sequence_length: int) -> Any:
-            key = (prompt, max_sequence_length, identity)
-            hit = self.get(key)
-            if hit is None:
-                hit = _to_cpu(encode(prompt, max_sequence_length))
-                self.put(key, hit, hit.embeds.numel() * hit.embeds.element_size())
-            return replace(hit, embeds=hit.embeds.to(device()))
-
-        cached.uncached = encode  # type: ignore[attr-defined]
-        return cached
+        key = (prompt, max_sequence_length, identity)
+        hit = self.get(key)
+        if hit is None:
+            hit = _to_cpu(encode(prompt, max_sequence_length))
+            self.put(key, hit, hit.embeds.numel() * hit.embeds.element_size())
+        return replace(hit, embeds=hit.embeds.to(device))
 
 
 def _to_cpu(encoded: Any) -> Any:
@@ -112,9 +107,30 @@ def shared_cache() -> PromptCache:
     return _SHARED
 
 
+@dataclass
+class PromptCacheTransform:
+    """The cache on a model's `encode_prompt` hook (a transform, host/transforms.py).
+
+    identity: what else decides the embeddings, e.g. `file_identity(<text encoder file>)`.
+    """
+
+    identity: Hashable
+    cache: PromptCache = field(default_factory=lambda: shared_cache())
+    name: str = "prompt_cache"
+    reversible: bool = True
+
+    def apply(self, model: Any) -> None:
+        def cached(call_next: Callable[[str, int], Any], prompt: str, max_sequence_length: int) -> Any:
+            return self.cache.lookup(call_next, prompt, max_sequence_length, self.identity, model.device)
+
+        hooks_of(model).encode_prompt.add(self.name, cached)
+
+    def remove(self, model: Any) -> None:
+        hooks_of(model).encode_prompt.remove(self.name)
+
+
 def attach_prompt_cache(pipe: Any, identity: Hashable, cache: PromptCache | None = None) -> PromptCache:
-    """Wrap the pipeline's replaceable `encode_prompt` with the cache (once); returns the cache."""
+    """Put a cache on the model's prompt encoder (replacing one already there); returns the cache."""
     cache = shared_cache() if cache is None else cache  # an empty cache is falsy (len 0)
-    encode = getattr(pipe.encode_prompt, "uncached", pipe.encode_prompt)
-    pipe.encode_prompt = cache.wrap(encode, identity, lambda: pipe.device)
+    PromptCacheTransform(identity, cache).apply(pipe)
     return cache

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from common.errors import UserInputError
+from common.model_hooks import ModelHooks
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +41,20 @@ class GenerationOutput(Protocol):
     timings: dict[str, float]
 
 
-class StepInfo(Protocol):
-    """What the per-step callback receives (the engine's StepEvent fits)."""
-
-    step: int  # 1-based
-    total: int
-    elapsed_s: float
-
-
 class LoadedModel(Protocol):
-    """A model built by `FamilyHandler.load_model`."""
+    """A model built by `FamilyHandler.load_model`: what transforms (host/transforms.py) may use.
+
+    - `components()`: its parts by name ("text_encoder", "transformer", "vae", ...), None where not loaded now;
+    - `hooks`: a `common.model_hooks.ModelHooks` the model routes its prompt encoding, decoding and steps
+      through (transforms add entries there; nothing replaces the model's methods);
+    - `device`: where it computes.
+    A model without `hooks` still runs; the transforms that need them are skipped.
+    """
+
+    hooks: ModelHooks
+    device: Any
+
+    def components(self) -> dict[str, Any]: ...
 
     def generate(self, settings: Mapping[str, Any], on_step: Callable[[Any], None] | None = None) -> GenerationOutput: ...
 

@@ -22,11 +22,12 @@ from host import settings as host_settings
 from host.device import DeviceChoice, attention_backend, choose_device, peak_memory_gb, reset_peak_memory
 from host.files import DEFAULT_CKPTS, CheckpointFolders, download_file, resolve_files, specs_from_model_def
 from host.hashes import HashCache
-from host.lora import LoraReport, apply_loras, remove_loras
+from host.lora import LoraReport, LoraTransform
 from host.lora_task import LoraChoice, expand_lset, lora_folders, task_loras
 from host.outputs import check_output_folder, output_name, remove_stale_temp_files, save_image
 from host.presets import DEFAULTS_DIR, FINETUNES_DIR, Preset, PresetCatalog, load_presets
 from host.registry import DEFAULT_MODELS_ROOT, REPO_ROOT, FamilyHandler, LoadedModel, Registry, discover
+from host.transforms import PhaseReporter, TransformStack
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,29 @@ class TaskResult:
 class _Loaded:
     key: tuple[Any, ...]  # what the weights depend on (not the LoRAs: they are swapped on the same weights)
     model: LoadedModel
+    transforms: TransformStack  # low-VRAM transforms, then the LoRAs (host/transforms.py)
     loras: LoraChoice | None = field(default_factory=LoraChoice)  # attached now; None = unknown after a failure
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stage of `Session.run`, reported to its `on_phase` callback as it starts (or, for `loaded` and
+    `saved`, as it ends): files, load, loaded, encode, denoise, decode, save, saved. `detail` carries what
+    the stage produced (`loaded`: load_s and lora_reports; `saved`: paths)."""
+
+    name: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where `Session.run` saves: a folder, or an exact file (an existing folder as `file` means inside it)."""
+
+    folder: Path | None = None
+    file: Path | None = None
+
+
+PhaseCallback = Callable[[Phase], None]
 
 
 class Session:
@@ -205,12 +228,12 @@ class Session:
         options = {"device": self.device.device, "dtype": self.device.dtype, "quantization": s["quantization"], "profile": s["profile"]}
         options = lowvram.load_options(options)  # load on the CPU under mmgp, on-demand text encoder, int8 reader
         model = self.handler(task.preset).load_model(task.preset.architecture, task.preset.model_def, files, options)
-        model = lowvram.apply_lowvram(model, options, files)  # int8 on the fly, prompt cache, VAE tiling, guards, offload
-        self._loaded = _Loaded(key, model)
+        stack = lowvram.apply_lowvram(model, options, files)  # int8, prompt cache, VAE tiling, guards, offload
+        self._loaded = _Loaded(key, model, stack)
         return time.perf_counter() - start
 
     def _attach_loras(self, task: Task) -> float | None:
-        """Make the loaded model carry exactly the task's LoRAs (apply_loras detaches the previous ones)."""
+        """Make the loaded model carry exactly the task's LoRAs (the new files are read before the old ones go)."""
         loaded = self._loaded
         assert loaded is not None, "weights are loaded first"
         if loaded.loras == task.loras:
@@ -219,20 +242,27 @@ class Session:
         loaded.loras = None  # unknown until done: after a failure the next task attaches (or removes) again
         if task.loras:
             paths, multipliers = list(task.loras.paths), list(task.loras.multipliers)
-            apply_loras(loaded.model, paths, multipliers, normalizer=self.handler(task.preset))
+            transform = LoraTransform(paths, multipliers, normalizer=self.handler(task.preset))
+            transform.load(loaded.model)  # a bad file fails here, with the previous LoRAs still attached
+            loaded.transforms.push(transform)
         else:
-            remove_loras(loaded.model)
+            loaded.transforms.pop(LoraTransform.name)
         loaded.loras = task.loras
         return time.perf_counter() - start
 
     def lora_reports(self) -> list[LoraReport]:
         """Load reports of the LoRAs on the loaded model (empty when it has none or nothing is loaded)."""
-        model = self._loaded.model if self._loaded is not None else None
-        return list(getattr(model, "lora_reports", None) or [])
+        transform = self.transform(LoraTransform.name)
+        return list(transform.reports) if transform is not None else []
+
+    def transform(self, name: str) -> Any:
+        """The transform called `name` on the loaded model (None when nothing is loaded or it is absent)."""
+        return self._loaded.transforms.get(name) if self._loaded is not None else None
 
     def release(self) -> None:
         """Free the loaded model's memory (the next task loads again)."""
         if self._loaded is not None:
+            self._loaded.transforms.clear()
             self._loaded.model.release()
             self._loaded = None
 
@@ -242,27 +272,41 @@ class Session:
         self,
         task: Task,
         on_step: Callable[[Any], None] | None = None,
-        on_loaded: Callable[[list[LoraReport]], None] | None = None,
+        on_phase: PhaseCallback | None = None,
+        save_to: Destination | None = None,
     ) -> TaskResult:
-        """Generate the images of one task; the used seed is in `result.settings`.
+        """Everything one task needs, once: files, model (cached) and LoRAs, generation, and (with
+        `save_to`) the saved files in `result.paths`. The used seed is in `result.settings`.
 
-        `on_loaded` is called once the model is ready, before generating, with the LoRA load reports.
+        `on_phase` hears each stage (see Phase); `on_step` each denoising step. Either may raise
+        GenerationCancelled to stop the task.
         """
+        phase = on_phase or (lambda _: None)
         settings = host_settings.resolve_seed(task.settings)
+        phase(Phase("files"))
         files = self.files_for(task)
+        phase(Phase("load"))
         model, load_s = self.model_for(task, files)
         reports = self.lora_reports()
-        if on_loaded is not None:
-            on_loaded(reports)
+        phase(Phase("loaded", {"load_s": load_s, "lora_reports": reports}))
         backend = attention_backend(settings["attention"], task.preset.model_def.get("attention"), self.device.capability)
         backend = set_attention_backend(backend)  # the one actually used (a missing backend falls back to sdpa)
         reset_peak_memory(self.device.device)
-        family_part = {k: v for k, v in settings.items() if k not in host_settings.HOST_ONLY}
-        output = model.generate(family_part, on_step)
+        specs = host_settings.family_specs(self.handler(task.preset), task.preset.architecture)
+        family_part = host_settings.generation_inputs(specs, settings)  # image inputs read into PIL images
+        self._loaded.transforms.push(PhaseReporter(lambda name: phase(Phase(name))))
+        try:
+            output = model.generate(family_part, on_step)
+        finally:
+            self._loaded.transforms.pop(PhaseReporter.name)
         peak_gb, peak_what = peak_memory_gb(self.device.device)
         info = self.provenance(task, settings, files, backend, output, reports)
         result = TaskResult(task, list(output.images), settings, info, load_s, peak_gb, peak_what)
         result.lora_reports = [r.to_dict() for r in reports]
+        if save_to is not None:
+            phase(Phase("save"))
+            result.paths = self.save(result, save_to.folder, save_to.file)
+            phase(Phase("saved", {"paths": list(result.paths)}))
         return result
 
     def provenance(
@@ -274,8 +318,11 @@ class Session:
         output: Any,
         reports: list[LoraReport] | None = None,
     ) -> dict[str, Any]:
-        """What is needed to reproduce an image: program, files with hashes, LoRAs, precision."""
+        """What is needed to reproduce an image: program, files with hashes, LoRAs, input images (file name
+        and sha256), precision."""
         hashes = {role: {"name": path.name, "sha256": self.hashes.sha256(path)} for role, path in files.items()}
+        specs = host_settings.family_specs(self.handler(task.preset), task.preset.architecture)
+        inputs = host_settings.input_records(specs, settings)
         return {
             "program": f"{PROGRAM_NAME} {__version__}",
             "model_name": task.preset.name,
@@ -290,7 +337,7 @@ class Session:
             "prompt_tokens": getattr(output, "prompt_tokens", None),
             "truncated": getattr(output, "truncated", None),
             "timings": {k: round(v, 4) for k, v in getattr(output, "timings", {}).items()},
-        }
+        } | ({"inputs": inputs} if inputs else {})
 
     def _lora_provenance(self, loras: LoraChoice, reports: list[LoraReport]) -> list[dict[str, Any]]:
         """Per LoRA: name as written, file hash, multiplier, and what loaded (a compact load report)."""

@@ -5,20 +5,20 @@ weights that ramp linearly across the overlap (1 in a tile's interior, falling t
 image borders keep weight 1), then normalised by the summed weights. The decoder's receptive field is
 finite, so with enough overlap each output pixel sees almost the context it would see untiled.
 
-`enable_tiling(vae, ...)` installs it as a transform on a diffusers-style VAE (`decode(z,
-return_dict=False)[0]`, `encode(x).latent_dist`): above `min_latent_size` latent pixels per side (or
-always / never), the VAE's own decode/encode calls go through the tiles.
+`VaeTilingTransform` installs it on a model's decode / encode-image hooks: above `min_latent` latent
+pixels per side (or always / never), the model's decodes and encodes go through the tiles.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from types import SimpleNamespace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from host.transforms import hooks_of
 
 log = logging.getLogger(__name__)
 
@@ -94,48 +94,72 @@ def tiled_apply(
     return out / weight
 
 
-def tiled_decode(vae: Any, z: torch.Tensor, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> torch.Tensor:
-    """Decode latents (B, 16, h, w) tile by tile -> pixels (B, 3, 8h, 8w) fp32."""
-    decode = getattr(vae, "_untiled_decode", vae.decode)
-    return tiled_apply(z, lambda t: decode(t, return_dict=False)[0], tile, overlap, VAE_SCALE)
+def tiled_decode(
+    decode: Any, z: torch.Tensor, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP, scale: int = VAE_SCALE
+) -> torch.Tensor:
+    """Decode latents (B, C, h, w) tile by tile -> pixels (B, 3, scale*h, scale*w) fp32.
+
+    decode: latents -> pixels (e.g. the next entry of a model's decode hook), or a diffusers VAE.
+    """
+    if hasattr(decode, "decode"):
+        vae = decode
+        decode = lambda t: vae.decode(t, return_dict=False)[0]  # noqa: E731
+    return tiled_apply(z, decode, tile, overlap, scale)
 
 
 def tiled_encode(
-    vae: Any, pixels: torch.Tensor, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP
+    encode: Any, pixels: torch.Tensor, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP, scale: int = VAE_SCALE
 ) -> torch.Tensor:
-    """Encode pixels (B, 3, H, W) tile by tile -> latent means (B, 16, H/8, W/8) fp32 (tile sizes in latent pixels)."""
-    encode = getattr(vae, "_untiled_encode", vae.encode)
-    tile_px, overlap_px = tile * VAE_SCALE, overlap * VAE_SCALE
-    return tiled_apply(pixels, lambda t: encode(t).latent_dist.mode(), tile_px, overlap_px, 1 / VAE_SCALE)
+    """Encode pixels (B, 3, H, W) tile by tile -> latent means (B, C, H/scale, W/scale) fp32 (tile sizes in
+    latent pixels). encode: pixels -> latent distribution (`.mode()`), or a diffusers VAE."""
+    if hasattr(encode, "encode"):
+        vae = encode
+        encode = lambda t: vae.encode(t).latent_dist  # noqa: E731
+    tile_px, overlap_px = tile * scale, overlap * scale
+    return tiled_apply(pixels, lambda t: encode(t).mode(), tile_px, overlap_px, 1 / scale)
 
 
-def enable_tiling(vae: Any, options: TilingOptions | None = None) -> Any:
-    """Route the VAE's decode/encode through tiles when `options` ask for it (idempotent); returns vae."""
-    options = options or TilingOptions()
-    if hasattr(vae, "_untiled_decode"):
-        vae._tiling = options
-        return vae
-    vae._untiled_decode, vae._untiled_encode, vae._tiling = vae.decode, vae.encode, options
+@dataclass
+class VaeTilingTransform:
+    """Tiles on a model's `decode` and `encode_image` hooks when the options ask for them (a transform,
+    host/transforms.py). The model's `vae_scale_factor` (pixels per latent pixel) is used when it has one."""
 
-    def decode(z: torch.Tensor, return_dict: bool = True, **kwargs: Any) -> Any:
-        opts = vae._tiling
-        if not opts.wants(z.shape[-2], z.shape[-1]):
-            return vae._untiled_decode(z, return_dict=return_dict, **kwargs)
-        log.debug("tiled VAE decode of a %dx%d latent", z.shape[-2], z.shape[-1])
-        pixels = tiled_decode(vae, z, opts.tile, opts.overlap).to(z.dtype)
-        return (pixels,) if not return_dict else SimpleNamespace(sample=pixels)
+    options: TilingOptions = field(default_factory=TilingOptions)
+    name: str = "vae_tiling"
+    reversible: bool = True
 
-    def encode(x: torch.Tensor, return_dict: bool = True, **kwargs: Any) -> Any:
-        opts = vae._tiling
-        h, w = x.shape[-2] // VAE_SCALE, x.shape[-1] // VAE_SCALE
-        if not opts.wants(h, w):
-            return vae._untiled_encode(x, return_dict=return_dict, **kwargs)
-        mean = tiled_encode(vae, x, opts.tile, opts.overlap).to(x.dtype)
-        dist = _PointDistribution(mean)
-        return (dist,) if not return_dict else SimpleNamespace(latent_dist=dist)
+    def apply(self, model: Any) -> None:
+        hooks = hooks_of(model)
+        hooks.decode.add(self.name, self._decode(model))
+        hooks.encode_image.add(self.name, self._encode(model))
 
-    vae.decode, vae.encode = decode, encode
-    return vae
+    def remove(self, model: Any) -> None:
+        hooks = hooks_of(model)
+        hooks.decode.remove(self.name)
+        hooks.encode_image.remove(self.name)
+
+    def _decode(self, model: Any) -> Callable[..., torch.Tensor]:
+        def decode(call_next: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+            opts = self.options
+            if not opts.wants(z.shape[-2], z.shape[-1]):
+                return call_next(z)
+            log.debug("tiled VAE decode of a %dx%d latent", z.shape[-2], z.shape[-1])
+            return tiled_decode(call_next, z, opts.tile, opts.overlap, _scale(model)).to(z.dtype)
+
+        return decode
+
+    def _encode(self, model: Any) -> Callable[..., Any]:
+        def encode(call_next: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
+            opts, scale = self.options, _scale(model)
+            if not opts.wants(x.shape[-2] // scale, x.shape[-1] // scale):
+                return call_next(x)
+            return _PointDistribution(tiled_encode(call_next, x, opts.tile, opts.overlap, scale).to(x.dtype))
+
+        return encode
+
+
+def _scale(model: Any) -> int:
+    return int(getattr(model, "vae_scale_factor", VAE_SCALE))
 
 
 class _PointDistribution:

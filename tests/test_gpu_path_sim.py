@@ -29,6 +29,7 @@ from host import offload
 from host.lowvram import apply_lowvram, load_options
 from host.preview import LatentPreviewer
 from host.quantize import is_quantized, quantize_model
+from models.z_image.facts_z_image import LATENT
 
 F32, BF16 = torch.float32, torch.bfloat16
 SETTINGS = {"prompt": "a red fox", "width": 64, "height": 64, "num_inference_steps": 3, "guidance_scale": 0.0, "seed": 5}
@@ -127,7 +128,7 @@ def _offloaded(flat: dict[str, Path], quantization: str = "bf16", dtype: torch.d
     """A pipeline put through the host's CUDA transforms (profile 4), then computing on the CPU."""
     pipe = _pipeline(flat)
     options = load_options({"device": "cuda", "dtype": dtype, "quantization": quantization, "profile": 4})
-    apply_lowvram(pipe, options, {})
+    pipe.stack = apply_lowvram(pipe, options, {})  # kept beside it for the tests
     pipe.device = torch.device("cpu")  # the fake moved nothing
     return pipe
 
@@ -149,7 +150,7 @@ def test_generation_preview_reload_and_guard_survive_a_stray_default_device(
     fake_mmgp()
     pipe = _offloaded(tiny_flat_layout)
     previews = []
-    previewer = LatentPreviewer(sigmas=None)
+    previewer = LatentPreviewer(sigmas=None, latent=LATENT)
 
     def on_step(event: Any) -> None:
         previews.append(previewer.image(event.step, event.latents))
@@ -161,12 +162,12 @@ def test_generation_preview_reload_and_guard_survive_a_stray_default_device(
         reloaded = _pipeline(tiny_flat_layout)  # transformers/diffusers loaders too
         again = reloaded.generate(SETTINGS).images[0]
         with pytest.raises(NonFiniteOutputError):
-            pipe.vae.decode(torch.full((1, 16, 8, 8), float("nan"), device="cpu"), return_dict=False)
+            pipe.decode(torch.full((1, 16, 8, 8), float("nan"), device="cpu"))  # through the guard on its hook
     finally:
         torch.set_default_device(None)
     assert image.tobytes() == reference.tobytes() and again.tobytes() == reference.tobytes()
     assert len(previews) == SETTINGS["num_inference_steps"] and all(p is not None for p in previews)
-    assert pipe._offload_handle.manager.unloads == 1  # parts sent back to RAM after the generation
+    assert pipe.stack.get("offload").handle.manager.unloads == 1  # parts sent back to RAM after the generation
 
 
 def test_profile_gets_the_compute_dtype_and_parts_keep_theirs(fake_mmgp, tiny_flat_layout: dict[str, Path]) -> None:

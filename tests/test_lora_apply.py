@@ -12,7 +12,7 @@ from lora_fixtures import DIALECTS, NORMALIZER, inputs, merged_by_hand, peft_wit
 from safetensors.torch import save_file
 
 from common.errors import SettingsError
-from host.lora import apply_loras, parse_multipliers, remove_loras
+from host.lora import apply_loras, parse_multipliers
 from host.lora_apply import LoraRuntime, is_quantized, linear_shapes, multiplier_at
 from models.z_image.lora_z_image import normalize_lora
 
@@ -146,10 +146,10 @@ def test_full_image_matches_hand_merged_weights(tiny_pipeline, tmp_path: Path, d
     save_file({k: v.contiguous() for k, v in DIALECTS[dialect](lora).items()}, str(path))
     base = _pixels(tiny_pipeline.generate(SETTINGS))
 
-    apply_loras(tiny_pipeline, [path], f"{mult}", normalizer=NORMALIZER)
-    assert tiny_pipeline.lora_reports[0].modules_matched == len(linear_shapes(transformer))
+    loras = apply_loras(tiny_pipeline, [path], f"{mult}", normalizer=NORMALIZER)
+    assert loras.reports[0].modules_matched == len(linear_shapes(transformer))
     with_lora = _pixels(tiny_pipeline.generate(SETTINGS))
-    remove_loras(tiny_pipeline)
+    loras.remove(tiny_pipeline)
     assert np.array_equal(_pixels(tiny_pipeline.generate(SETTINGS)), base)  # unloaded: the exact image
 
     originals = {n: m.weight.detach().clone() for n, m in transformer.named_modules() if n in lora.down}
@@ -172,13 +172,15 @@ def test_pipeline_schedule_on_the_call_log(tiny_pipeline, tmp_path: Path) -> Non
     lora = random_lora(transformer, seed=12)
     path = tmp_path / "sched.safetensors"
     save_file({k: v.contiguous() for k, v in DIALECTS["ai-toolkit"](lora).items()}, str(path))
-    apply_loras(tiny_pipeline, [path], "# warm start, then fade out\n1,0.5", normalizer=NORMALIZER)
+    loras = apply_loras(tiny_pipeline, [path], "# warm start, then fade out\n1,0.5", normalizer=NORMALIZER)
+    assert tiny_pipeline.hooks.before_step.owners == ["loras"]  # the schedule rides on the model's step hook
     probe = _Probe(transformer, lora.delta(PROBE))
     try:
         tiny_pipeline.generate({**SETTINGS, "num_inference_steps": 6})
     finally:
         probe.handle.remove()
-        remove_loras(tiny_pipeline)
+        loras.remove(tiny_pipeline)
+    assert tiny_pipeline.hooks.before_step.owners == []
     assert probe.seen == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5]  # one transformer call per step (no CFG)
 
 
@@ -244,12 +246,12 @@ def test_alpha_in_the_header_gives_diffusers_own_lora_image(tiny_pipeline, tiny_
     ref.load_lora_weights(str(path))
     expected = (ref(**call, generator=torch.Generator("cpu").manual_seed(s["seed"])).images * 255).round()
 
-    apply_loras(tiny_pipeline, [path], "1.0", normalizer=NORMALIZER)
+    loras = apply_loras(tiny_pipeline, [path], "1.0", normalizer=NORMALIZER)
     try:
         got = _pixels(tiny_pipeline.generate(SETTINGS)).astype(np.float32)
-        source = tiny_pipeline.lora_reports[0].alpha_source
+        source = loras.reports[0].alpha_source
     finally:
-        remove_loras(tiny_pipeline)
+        loras.remove(tiny_pipeline)
     assert np.abs((plain * 255).round() - expected).max() > 10  # the LoRA changes diffusers' image
     assert np.abs(got - expected).max() <= 1  # within 1/255 of diffusers' own LoRA loading
     assert source == "metadata"

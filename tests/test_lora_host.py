@@ -12,6 +12,7 @@ from lora_fixtures import DIALECTS, NORMALIZER, random_lora, tiny_model
 from safetensors.torch import save_file
 
 from common.errors import CheckpointError, SettingsError
+from common.model_hooks import ModelHooks
 from host.lora import (
     LoraLibrary,
     apply_loras,
@@ -20,7 +21,6 @@ from host.lora import (
     parse_multipliers,
     read_lora_file,
     register_lora_root_arg,
-    remove_loras,
     resolve_lora,
 )
 from host.lora_apply import linear_shapes
@@ -154,16 +154,22 @@ def test_lset_round_trip_and_validation(tmp_path: Path) -> None:
 
 
 class _FakeModel:
-    """A LoadedModel: `transformer` + generate(settings, on_step) that reports each step."""
+    """A LoadedModel: a `transformer`, `hooks`, and a generate(settings, on_step) that calls the step hook."""
 
     def __init__(self, transformer: torch.nn.Module):
         self.transformer = transformer
+        self.hooks = ModelHooks()
         self.steps_seen: list[list[float]] = []
+        self.runtime = None
+
+    def components(self) -> dict[str, torch.nn.Module]:
+        return {"transformer": self.transformer}
 
     def generate(self, settings, on_step=None):
         total = settings["steps"]
         for step in range(total):
-            self.steps_seen.append(list(self.lora_runtime.multipliers))
+            self.hooks.before_step(step, total)
+            self.steps_seen.append(list(self.runtime.multipliers))
             if on_step is not None:
                 on_step(SimpleNamespace(step=step + 1, total=total, elapsed_s=0.0))
         return "done"
@@ -172,18 +178,30 @@ class _FakeModel:
         pass
 
 
-def test_seam_wraps_on_step_for_schedules(tmp_path: Path, model) -> None:
+def test_seam_follows_the_step_hook_for_schedules(tmp_path: Path, model) -> None:
     fake = _FakeModel(model)
     a = _save(tmp_path / "a.safetensors", DIALECTS["ai-toolkit"](random_lora(model)))
     b = _save(tmp_path / "b.safetensors", DIALECTS["diffsynth"](random_lora(model, seed=4)))
     events = []
-    assert apply_loras(fake, [a, b], "0.5 1,0", normalizer=NORMALIZER) is fake
+    loras = apply_loras(fake, [a, b], "0.5 1,0", normalizer=NORMALIZER)
+    fake.runtime = loras.runtime
     assert fake.generate({"steps": 4}, events.append) == "done"
     assert fake.steps_seen == [[0.5, 1.0], [0.5, 1.0], [0.5, 0.0], [0.5, 0.0]]
     assert len(events) == 4  # the host's own callback still runs
-    assert [r.multiplier for r in fake.lora_reports] == ["0.5", "1,0"]
-    remove_loras(fake)
-    assert fake.lora_runtime is None
+    assert [r.multiplier for r in loras.reports] == ["0.5", "1,0"]
+    assert fake.generate.__func__ is _FakeModel.generate  # nothing of the model replaced
+    loras.remove(fake)
+    assert loras.runtime is None and fake.hooks.owners() == {}
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_schedules_need_a_model_with_step_hooks(tmp_path: Path, model) -> None:
+    """A model without hooks takes constant multipliers only, and says why otherwise."""
+    bare = SimpleNamespace(transformer=model)
+    a = _save(tmp_path / "a.safetensors", DIALECTS["ai-toolkit"](random_lora(model)))
+    with pytest.raises(SettingsError, match="step hooks"):
+        apply_loras(bare, [a], "1,0", normalizer=NORMALIZER)
+    apply_loras(bare, [a], "0.7", normalizer=NORMALIZER).remove(bare)
 
 
 def test_seam_finds_the_family_normalizer(tmp_path: Path, tiny_diffusers_folder: Path) -> None:
@@ -193,6 +211,6 @@ def test_seam_finds_the_family_normalizer(tmp_path: Path, tiny_diffusers_folder:
     components = ZImageComponents.from_diffusers_folder(tiny_diffusers_folder)
     pipe = ZImagePipeline.from_components(components, LoadOptions(dtype=torch.float32))
     path = _save(tmp_path / "a.safetensors", DIALECTS["musubi"](random_lora(pipe.transformer)))
-    apply_loras(pipe, [path], "1")
-    assert pipe.lora_reports[0].dialect == "musubi/kohya"
-    remove_loras(pipe)
+    loras = apply_loras(pipe, [path], "1")
+    assert loras.reports[0].dialect == "musubi/kohya"
+    loras.remove(pipe)

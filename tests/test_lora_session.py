@@ -134,7 +134,8 @@ def test_preset_loras_come_first_and_schedules_reach_the_transformer(session: Se
     assert task.loras.multipliers == ("1.0,0.0", "0.5")  # each group keeps its own; the preset's comment line is dropped
     model, _ = session.model_for(task, session.files_for(task))
     seen: list[list[float]] = []
-    hook = model.transformer.register_forward_pre_hook(lambda *_: seen.append(list(model.lora_runtime.multipliers)))
+    runtime = session.transform("loras").runtime
+    hook = model.transformer.register_forward_pre_hook(lambda *_: seen.append(list(runtime.multipliers)))
     try:
         result = session.run(task)
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,12 +13,13 @@ import torch
 
 from common import attention as attn
 from common.errors import NonFiniteOutputError, SettingsError
+from common.model_hooks import ModelHooks
 from host import offload, planner
-from host.guards import check_pixels, compute_dtype, guard_vae_decode
+from host.guards import BlackImageGuard, check_pixels, compute_dtype
 from host.lowvram import apply_lowvram, load_options
 from host.prompt_cache import PromptCache, attach_prompt_cache, file_identity, shared_cache
 from host.quantize import is_quantized
-from host.vae_tiling import TilingOptions, enable_tiling, tile_starts, tiled_decode
+from host.vae_tiling import TilingOptions, VaeTilingTransform, tile_starts, tiled_decode
 
 F32 = torch.float32
 SETTINGS = {
@@ -121,20 +123,28 @@ def test_tiled_decode_close_to_untiled(tiny_flat_layout: dict[str, Path]) -> Non
 
 
 def test_tiling_is_automatic_above_the_threshold(tiny_flat_layout: dict[str, Path]) -> None:
+    """The transform sits on the model's decode / encode-image hooks; the VAE itself is untouched."""
     from models.z_image import loading_z_image as loading
 
     vae = loading.load_vae(tiny_flat_layout["vae"], tiny_flat_layout["vae_config"], F32)
+    model = SimpleNamespace(hooks=ModelHooks(), vae_scale_factor=8)
     calls = []
-    inner = vae.decode
-    vae.decode = lambda z, **kw: (calls.append(tuple(z.shape[-2:])), inner(z, **kw))[1]
-    enable_tiling(vae, TilingOptions(mode="auto", tile=16, overlap=4, min_latent=20))
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(z.shape[-2:]))
+        return vae.decode(z, return_dict=False)[0]
+
+    tiling = VaeTilingTransform(TilingOptions(mode="auto", tile=16, overlap=4, min_latent=20))
+    tiling.apply(model)
     with torch.no_grad():
-        vae.decode(torch.randn(1, 16, 16, 16), return_dict=False)
+        model.hooks.decode.call(decode, torch.randn(1, 16, 16, 16))
         assert calls == [(16, 16)]  # below the threshold: one untiled call
-        out = vae.decode(torch.randn(1, 16, 24, 24), return_dict=False)[0]
-    assert out.shape == (1, 3, 192, 192) and len(calls) == 1 + 4
-    encoded = vae.encode(torch.rand(1, 3, 192, 192) * 2 - 1).latent_dist.mode()
-    assert encoded.shape == (1, 16, 24, 24)
+        out = model.hooks.decode.call(decode, torch.randn(1, 16, 24, 24))
+        assert out.shape == (1, 3, 192, 192) and len(calls) == 1 + 4
+        encoded = model.hooks.encode_image.call(lambda x: vae.encode(x).latent_dist, torch.rand(1, 3, 192, 192) * 2 - 1)
+    assert encoded.mode().shape == (1, 16, 24, 24)
+    tiling.remove(model)
+    assert model.hooks.owners() == {} and vae.decode.__func__ is type(vae).decode  # nothing left behind
 
 
 # -- guards ----------------------------------------------------------------------------------------
@@ -147,12 +157,11 @@ def test_black_or_nan_decode_is_refused_with_advice() -> None:
     with pytest.raises(NonFiniteOutputError, match="all black.*--quantization bf16"):
         check_pixels(-torch.ones(2, 3, 8, 8))
 
-    class Vae:
-        def decode(self, z, return_dict=False):
-            return (z * float("inf"),)
-
+    model = SimpleNamespace(hooks=ModelHooks())
+    BlackImageGuard().apply(model)
+    assert torch.equal(model.hooks.decode.call(lambda z: z, torch.zeros(1, 3, 2, 2)), torch.zeros(1, 3, 2, 2))
     with pytest.raises(NonFiniteOutputError):
-        guard_vae_decode(Vae()).decode(torch.ones(1, 3, 2, 2))
+        model.hooks.decode.call(lambda z: z * float("inf"), torch.ones(1, 3, 2, 2))
 
 
 def test_compute_dtype_per_capability() -> None:
@@ -242,20 +251,21 @@ def test_transforms_on_a_pipeline_cpu(tiny_flat_layout: dict[str, Path], caplog:
     tiles = TilingOptions(mode="auto", tile=6, overlap=4, min_latent=6)  # 8 > 6: tiled, 2 x 2 tiles of 6x6
     plain = _pipeline(tiny_flat_layout)
     whole = np.asarray(plain.generate(settings).images[0], dtype=np.int16)
-    enable_tiling(plain.vae, tiles)
+    VaeTilingTransform(tiles).apply(plain)
     plain_tiled = np.asarray(plain.generate(settings).images[0], dtype=np.int16)
 
     pipe = _pipeline(tiny_flat_layout)
     options = load_options({"device": "cpu", "dtype": F32, "quantization": "int8", "profile": "auto"})
     assert options["keep_text_encoder"] is False
     with caplog.at_level(logging.INFO, logger="host.offload"):
-        model = apply_lowvram(pipe, options, {"text_encoder": tiny_flat_layout["text_encoder"]})
-    assert model is pipe and is_quantized(pipe.transformer) and hasattr(pipe.vae, "_untiled_decode")
+        stack = apply_lowvram(pipe, options, {"text_encoder": tiny_flat_layout["text_encoder"]})
+    assert stack.model is pipe and is_quantized(pipe.transformer)
+    assert stack.names == ["int8", "prompt_cache", "vae_tiling", "black_image_guard", "offload"]
+    assert pipe.hooks.decode.owners == ["black_image_guard", "vae_tiling"]  # the guard sees the blended image
     assert pipe.batch_cfg  # no VRAM to save on the CPU: guidance branches stay batched
-    enable_tiling(pipe.vae, tiles)  # the host's threshold (1024 px) is far above this image: lower it
+    stack.get("vae_tiling").options = tiles  # the host's threshold (1024 px) is far above this image: lower it
     decoded = []
-    untiled = pipe.vae._untiled_decode
-    pipe.vae._untiled_decode = lambda z, **kw: (decoded.append(tuple(z.shape[-2:])), untiled(z, **kw))[1]
+    pipe.hooks.decode.add("count", lambda call_next, z: (decoded.append(tuple(z.shape[-2:])), call_next(z))[1])
     result = pipe.generate(settings)
     assert decoded == [(6, 6)] * 4  # the tiled path ran: four tiles, never the whole latent
     image = np.asarray(result.images[0], dtype=np.int16)
@@ -310,7 +320,12 @@ def test_int8_offload_on_cuda_in_the_compute_dtype(tiny_flat_layout: dict[str, P
 
 
 def test_planner_sizes_and_ordering() -> None:
-    sizes = planner.Z_IMAGE
+    from models.z_image.z_image_handler import family_handler
+
+    sizes = planner.sizes_from_facts(family_handler.query_model_facts("z_image_base", {}))  # the family's numbers
+    assert sizes is not None and (sizes.dim, sizes.ffn_hidden, sizes.text_hidden, sizes.patch, sizes.vae_scale) == (
+        3840, 10240, 2560, 2, 8
+    )
     assert sizes.transformer.bytes("bf16") == 2 * 6_154_908_736
     assert 6.8e9 < sizes.transformer.bytes("int8") < 7.0e9  # ~ the size of ZImageBase_quanto_bf16_int8
     assert 4.3e9 < sizes.text_encoder.bytes("int8") < 4.5e9

@@ -1,7 +1,7 @@
 """Prompt cache keys (host/prompt_cache.py) through the real tiny pipeline: a cached embedding must be the one
 the text encoder would give for that prompt, that max_sequence_length and that encoder file.
 
-Each test compares what comes through the cache with the uncached encoder (`encode_prompt.uncached`),
+Each test compares what comes through the cache with the uncached encoder (`_encode_prompt`, the model's own encoder under the hooks),
 so a key that conflates two prompts or two encoder files returns a wrong embedding and fails here.
 """
 
@@ -51,7 +51,7 @@ def _same(a, b) -> bool:
 
 def test_equal_length_prompts_get_their_own_embeddings(tiny_flat_layout: dict[str, Path]) -> None:
     pipe = _pipeline(tiny_flat_layout)
-    uncached = pipe.encode_prompt
+    uncached = pipe._encode_prompt  # the model's own encoder, under the hooks
     cache = attach_prompt_cache(pipe, file_identity(tiny_flat_layout["text_encoder"]), PromptCache())
     prompts = ("a red fox", "a big cat", "a red fix")  # 9 characters each; the last differs by one letter
     first = {p: pipe.encode_prompt(p, 512) for p in prompts}
@@ -64,7 +64,7 @@ def test_equal_length_prompts_get_their_own_embeddings(tiny_flat_layout: dict[st
 
 def test_changed_max_sequence_length_is_a_miss(tiny_flat_layout: dict[str, Path]) -> None:
     pipe = _pipeline(tiny_flat_layout)
-    uncached = pipe.encode_prompt
+    uncached = pipe._encode_prompt  # the model's own encoder, under the hooks
     cache = attach_prompt_cache(pipe, file_identity(tiny_flat_layout["text_encoder"]), PromptCache())
     full = pipe.encode_prompt(LONG_PROMPT, 512)
     cut = pipe.encode_prompt(LONG_PROMPT, 16)  # the prompt is longer than 16 tokens: truncated
@@ -85,7 +85,7 @@ def test_another_encoder_file_is_a_miss(tiny_flat_layout: dict[str, Path], tmp_p
     got = {name: pipe.encode_prompt("a red fox", 512) for name, pipe in pipes.items()}
     assert cache.misses == 2 and len(cache) == 2
     for name, pipe in pipes.items():
-        assert _same(got[name], pipe.encode_prompt.uncached("a red fox", 512)), name
+        assert _same(got[name], pipe._encode_prompt("a red fox", 512)), name
     assert not _same(got["original"], got["other"])
 
 
@@ -98,16 +98,16 @@ def test_encoder_file_rewritten_in_place_is_a_miss(tiny_flat_layout: dict[str, P
     options = load_options({"device": "cpu", "dtype": F32, "quantization": "bf16", "profile": "auto"})
     shared_cache().clear()
     try:
-        before = apply_lowvram(_pipeline(flat), options, {"text_encoder": flat["text_encoder"]})
+        before = apply_lowvram(_pipeline(flat), options, {"text_encoder": flat["text_encoder"]}).model
         old = before.encode_prompt("a red fox", 512)
         identity = file_identity(flat["text_encoder"])
         _other_weights(tiny_flat_layout["text_encoder"], flat["text_encoder"])
         if file_identity(flat["text_encoder"]) == identity:  # a coarse file-system clock: make the rewrite visible
             stat = flat["text_encoder"].stat()
             os.utime(flat["text_encoder"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-        after = apply_lowvram(_pipeline(flat), options, {"text_encoder": flat["text_encoder"]})
+        after = apply_lowvram(_pipeline(flat), options, {"text_encoder": flat["text_encoder"]}).model
         new = after.encode_prompt("a red fox", 512)
-        assert _same(new, after.encode_prompt.uncached("a red fox", 512)) and not _same(new, old)
+        assert _same(new, after._encode_prompt("a red fox", 512)) and not _same(new, old)
         assert shared_cache().misses >= 2 and len(shared_cache()) == 2
     finally:
         shared_cache().clear()

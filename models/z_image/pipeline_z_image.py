@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from common.errors import NonFiniteOutputError, SettingsError
+from common.model_hooks import ModelHooks
 from common.sampling import Guidance, apply_guidance, denoise, get_sigmas
 from models.z_image.settings_z_image import GenerationSettings
 from models.z_image.transformer_z_image import ZImageConfig, ZImageTransformer
@@ -104,8 +105,9 @@ class ZImagePipeline:
         # Batch the positive and negative branches in one forward (faster) or run them one after the
         # other (half the activation memory): the host turns this off when memory is tight.
         self.batch_cfg = True
-        # Replaceable prompt encoder (the host may wrap it with a cache).
-        self.encode_prompt: Callable[[str, int], EncodedPrompt] = self._encode_prompt
+        # The seams transforms use (prompt cache, VAE tiling, guards, offload, LoRA schedules): data, so
+        # nothing outside replaces a method of this object (common/model_hooks.py).
+        self.hooks = ModelHooks()
         # True once the encoder's last layer and final norm are dropped (see drop_unused_text_layers).
         self.text_encoder_trimmed = False
         # Set by from_components when the text encoder is loaded on demand (keep_text_encoder=False).
@@ -133,13 +135,22 @@ class ZImagePipeline:
             pipe.load_text_encoder = load_text_encoder
         return pipe
 
+    def components(self) -> dict[str, torch.nn.Module | None]:
+        """The parts, in the order they run (None: not loaded now, e.g. a text encoder loaded on demand)."""
+        return {"text_encoder": self.text_encoder, "transformer": self.transformer, "vae": self.vae}
+
     def release(self) -> None:
-        """Drop the weights so their memory can be reclaimed."""
+        """Drop the weights so their memory can be reclaimed (transforms holding them are told first)."""
+        self.hooks.on_release()
         self.transformer = self.text_encoder = self.vae = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     # -- 1. prompt ------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str, max_sequence_length: int) -> EncodedPrompt:
+        """The prompt's embeddings, through the `encode_prompt` hooks (e.g. a cache) around `_encode_prompt`."""
+        return self.hooks.encode_prompt.call(self._encode_prompt, prompt, max_sequence_length)
 
     @torch.no_grad()
     def _encode_prompt(self, prompt: str, max_sequence_length: int) -> EncodedPrompt:
@@ -223,9 +234,13 @@ class ZImagePipeline:
         images = []
         for item in latents:
             z = item[None].to(self.vae.dtype) / cfg.scaling_factor + cfg.shift_factor
-            pixels = self.vae.decode(z, return_dict=False)[0].float()
+            pixels = self.hooks.decode.call(self._vae_decode, z).float()
             images.append(_to_pil(pixels[0]))
         return images
+
+    def _vae_decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, 16, h, w) VAE-space latents -> (B, 3, H, W) pixels in [-1, 1]: the VAE alone."""
+        return self.vae.decode(z, return_dict=False)[0]
 
     # -- all together ---------------------------------------------------------------------------
 
@@ -236,7 +251,22 @@ class ZImagePipeline:
         on_step: StepCallback | None = None,
         before_step: BeforeStepCallback | None = None,
     ) -> GenerationResult:
-        """Generate `batch_size` images for one prompt. on_step may raise GenerationCancelled."""
+        """Generate `batch_size` images for one prompt. on_step may raise GenerationCancelled.
+
+        `hooks.before_step` listeners (and `before_step`) run before each step; `hooks.after_generate`
+        listeners run at the end, whatever happened.
+        """
+        try:
+            return self._generate(settings, on_step, before_step)
+        finally:
+            self.hooks.after_generate()
+
+    def _generate(
+        self,
+        settings: Mapping[str, Any] | GenerationSettings,
+        on_step: StepCallback | None,
+        before_step: BeforeStepCallback | None,
+    ) -> GenerationResult:
         s = settings if isinstance(settings, GenerationSettings) else GenerationSettings.from_dict(dict(settings))
         self.check_size(s.width, s.height)
         seed = s.seed if s.seed >= 0 else secrets.randbelow(2**32)
@@ -258,6 +288,7 @@ class ZImagePipeline:
         start = time.perf_counter()
 
         def velocity(x: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
+            self.hooks.before_step(step, s.num_inference_steps)
             if before_step is not None:
                 before_step(step, s.num_inference_steps)
             return self.velocity(x, sigma, pos_list, neg_list, guidance)
