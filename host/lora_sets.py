@@ -54,8 +54,15 @@ def load_lset(path: Path) -> LoraSet:
     return LoraSet(raw["loras"], raw.get("loras_mult", ""), raw.get("prompt", ""))
 
 
-def resolve_lset(name: str, folders: Sequence[Path]) -> Path:
-    """An .lset name (`portrait` or `portrait.lset`) in the first of `folders` that has it, or an absolute path."""
+def resolve_lset(name: str, folders: Sequence[Path], allow_absolute: bool = True) -> Path:
+    """An .lset name (`portrait` or `portrait.lset`) in the first of `folders` that has it, or an absolute path.
+
+    `allow_absolute=False` (the web UI: a request names the file) keeps to the folders: any other path is refused.
+    """
+    if not allow_absolute and (Path(name).expanduser().is_absolute() or name.startswith("~")):
+        raise SettingsError(
+            f"LoRA set {name!r}: only sets in the LoRA folders can be loaded here; pick one from the list"
+        )
     if Path(name).expanduser().is_absolute():
         path = Path(name).expanduser()
         if not path.is_file():

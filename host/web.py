@@ -112,7 +112,7 @@ def _model_panel(gr: Any, c: dict[str, Any], app: Any) -> None:
             label="Model",
             elem_id="model",
             scale=3,
-            allow_custom_value=True,
+            allow_custom_value=False,  # typed text that is not a model is not taken
         )
     c["model_info"] = gr.Markdown(app.model_info(default, None), elem_id="model_info")
 
@@ -230,9 +230,10 @@ def _results_panel(gr: Any, c: dict[str, Any]) -> None:
     )
     with gr.Row():
         c["use_settings"] = gr.Button("Use these settings", elem_id="use_settings", scale=1)
+        # No file_types: Gradio would refuse other files before the handler runs, leaving the area on "Error";
+        # the handler reads any file and answers in one line (host/web_events.py on_drop).
         c["settings_drop"] = gr.File(
             label="Drop a PNG/JPEG/WebP to use its settings",
-            file_types=["image"],
             elem_id="settings_drop",
             height=90,
             scale=2,

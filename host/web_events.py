@@ -53,6 +53,8 @@ from host.web_render import download_bytes, progress_html, queue_html, status_ht
 
 log = logging.getLogger(__name__)
 
+MAX_MESSAGE_CHARS = 300  # a status line, not a log
+
 
 class WebApp(LoraPanel):
     """One per server: the session, its worker thread, and the handlers the page calls."""
@@ -134,8 +136,9 @@ class WebApp(LoraPanel):
         self._wire_loras(c)
 
     def _wire_run(self, c: dict[str, Any], form: list[Any]) -> None:
+        # Handlers that concern "my jobs" take a gr.Request (Gradio passes it): its session hash names the tab.
         c["generate"].click(
-            self.on_generate, form, [c["status"], c["width"], c["height"], c["size_note"]], show_progress="hidden"
+            self.on_generate_in_tab, form, [c["status"], c["width"], c["height"], c["size_note"]], show_progress="hidden"
         )
         c["abort"].click(self.on_abort, None, [c["status"]], show_progress="hidden")
         c["clear_queue"].click(self.on_clear, None, [c["status"]], show_progress="hidden")
@@ -246,7 +249,11 @@ class WebApp(LoraPanel):
 
     # -- running --------------------------------------------------------------------------------
 
-    def on_generate(self, *values: Any) -> dict[Any, Any]:
+    def on_generate_in_tab(self, request: gr.Request, *values: Any) -> dict[Any, Any]:
+        """Generate pressed in a browser tab: the job belongs to that tab."""
+        return self.on_generate(*values, owner=tab_of(request))
+
+    def on_generate(self, *values: Any, owner: str = "") -> dict[Any, Any]:
         """Validate the form now (errors shown at once), then queue it as a job with its own settings."""
         c, form = self.c, dict(zip(FIELD_IDS, values, strict=True))
         if not form.get("model"):
@@ -258,7 +265,7 @@ class WebApp(LoraPanel):
         except UserInputError as exc:
             return {c["status"]: status_html(f"Not queued: {exc}", "error")}
         ahead = len(self.worker.snapshot().pending) + (0 if self.worker.idle() else 1)
-        job = self.worker.submit(task)
+        job = self.worker.submit(task, owner)
         text = f"Queued job #{job.id} ({task.model_type}, {task.settings.get('resolution', '')})"
         text += f", {ahead} ahead of it." if ahead else "."
         updates: dict[Any, Any] = {c["status"]: status_html(" ".join([text, *result.notes]), "info")}
@@ -267,11 +274,12 @@ class WebApp(LoraPanel):
             updates[c["size_note"]] = result.notes[0]
         return updates
 
-    def on_abort(self) -> str:
-        return status_html(self.worker.abort(), "info")
+    def on_abort(self, request: gr.Request | None = None) -> str:
+        return status_html(self.worker.abort(tab_of(request)), "info")
 
-    def on_clear(self) -> str:
-        return status_html(f"Removed {self.worker.clear()} waiting job(s) from the queue.", "info")
+    def on_clear(self, request: gr.Request | None = None) -> str:
+        removed = self.worker.clear(tab_of(request))
+        return status_html(f"Removed {removed} of your waiting job(s) from the queue.", "info")
 
     def on_save_defaults(self, *values: Any) -> str:
         form = dict(zip(FIELD_IDS, values, strict=True))
@@ -286,39 +294,48 @@ class WebApp(LoraPanel):
             return status_html(f"Defaults not saved: {exc}", "error")
         return status_html(f"Saved as your defaults for {preset.model_type}: {path}", "success")
 
-    def on_reuse_seed(self, selected: str | None) -> tuple[Any, str]:
+    def on_reuse_seed(self, selected: str | None, request: gr.Request | None = None) -> tuple[Any, str]:
         seed = None
         if selected:
             seed = self._read(Path(selected)).get("seed")
         if seed is None:
-            done = [j for j in self.worker.snapshot().finished if j.settings]
+            done = [j for j in self.worker.snapshot().finished if j.settings and j.owner == tab_of(request)]
             seed = done[-1].settings.get("seed") if done else None
         if seed is None:
             return gr.update(), status_html("No image yet: generate one (or pick one in the gallery) first.", "info")
         return seed, status_html(f"Seed {seed} reused.", "info")
 
-    def on_tick(self, page: dict[str, Any] | None) -> dict[Any, Any]:
-        """Poll the worker: progress, preview, new gallery images and the latest event, only what changed."""
-        c, snap, page = self.c, self.worker.snapshot(), dict(page or {})
+    def on_tick(self, page: dict[str, Any] | None, request: gr.Request | None = None) -> dict[Any, Any]:
+        """Poll the worker: progress, preview, new gallery images and the latest event, only what changed.
+
+        Status, gallery and preview are this tab's own jobs' (another tab's job is never shown as its
+        own); the queue table lists every tab's jobs, marked.
+        """
+        c, snap, page, owner = self.c, self.worker.snapshot(), dict(page or {}), tab_of(request)
+        event = snap.event_of(owner)
         if "start" not in page:  # the gallery and the status show what happened since the page opened
-            page["start"], page["event_v"] = len(snap.results), snap.event.version if snap.event else None
+            page["start"], page["event_v"] = len(snap.results), event.version if event else None
         updates: dict[Any, Any] = {}
         downloading = (
             download_bytes(self.session.folders.primary)
-            if snap.current and snap.current.state == "checking files"
+            if snap.current and snap.current.state == "checking files" and snap.current.owner == owner
             else 0
         )
-        for key, html_text in (("progress", progress_html(snap, downloading)), ("queue", queue_html(snap))):
+        for key, html_text in (
+            ("progress", progress_html(snap, downloading, owner)),
+            ("queue", queue_html(snap, owner)),
+        ):
             if page.get(key) != html_text:
                 updates[c[key]] = page[key] = html_text
-        items = list(reversed(snap.results[page["start"] :]))
+        items = [i for i in reversed(snap.results[page["start"] :]) if i.owner == owner]
         if len(items) != page.get("gallery_n"):
             page["gallery_n"], page["paths"] = len(items), [str(i.path) for i in items]
             updates[c["gallery"]] = [(str(i.path), i.caption) for i in items]
-        if snap.preview_version != page.get("preview_v") and snap.preview is not None:
+        own_preview = snap.preview is not None and snap.preview_owner == owner
+        if own_preview and snap.preview_version != page.get("preview_v"):
             page["preview_v"], updates[c["preview"]] = snap.preview_version, snap.preview
-        if snap.event is not None and snap.event.version != page.get("event_v"):
-            page["event_v"], updates[c["status"]] = snap.event.version, status_html(snap.event.text, snap.event.level)
+        if event is not None and event.version != page.get("event_v"):
+            page["event_v"], updates[c["status"]] = event.version, status_html(event.text, event.level)
         updates[c["page"]] = page
         return updates
 
@@ -343,15 +360,31 @@ class WebApp(LoraPanel):
         return self._apply_image(Path(selected), model_type)
 
     def on_drop(self, file: Any, model_type: str | None) -> dict[Any, Any]:
+        """A dropped file: its settings fill the form, or one line says why not. The drop area is emptied
+        either way, ready for the next file."""
         path = getattr(file, "name", file)
         if not path:
             return {}
-        return self._apply_image(Path(str(path)), model_type) | {self.c["settings_drop"]: None}
+        path = Path(str(path))
+        try:
+            updates = self._apply_image(path, model_type)
+        except Exception:  # noqa: BLE001 - whatever a dropped file does, the page gets one line, not a trace
+            log.warning("reading settings from a dropped file failed", exc_info=True)
+            text = f"No settings taken from {path.name}: it is not an image this program can read."
+            updates = {self.c["status"]: status_html(text, "error")}
+        return updates | {self.c["settings_drop"]: None}
 
     def _apply_image(self, path: Path, model_type: str | None) -> dict[Any, Any]:
         try:
             found = settings_from_image(path)
-        except UserInputError as exc:
-            return {self.c["status"]: status_html(str(exc), "error")}
+        except UserInputError as exc:  # one line, naming the file, not the server's temporary folder
+            text = " ".join(str(exc).replace(str(path), path.name).split())
+            text = text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 1] + "…"
+            return {self.c["status"]: status_html(f"No settings taken: {text}", "error")}
         settings = {k: v for k, v in found.settings.items() if k != "generation_info"}
         return self.apply(settings, model_type, f"Settings taken from {path.name} ({found.source}).")
+
+
+def tab_of(request: Any) -> str:
+    """The browser tab a request comes from (Gradio's session hash; "" without a request, e.g. in scripts)."""
+    return str(getattr(request, "session_hash", None) or "")

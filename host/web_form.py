@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import struct
+import warnings
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,11 @@ DEFAULT_SETTINGS_DIR = REPO_ROOT / "settings"  # "save as my defaults" writes <m
 SIZE_MULTIPLE = 16  # VAE factor 8 x patch 2; every shipped family needs it (the family still validates)
 MAX_SIDE = 4096
 CUSTOM = "custom"
+# What PIL raises for a file that is not an image, a decompression bomb, a text chunk that inflates too far,
+# or broken chunks: each means "no settings can be read from this file".
+UNREADABLE_IMAGE_ERRORS = (
+    OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, Image.DecompressionBombError
+)
 
 # (aspect ratio, sizes); every side a multiple of 16, about 0.4 to 4 megapixels.
 RESOLUTION_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -265,11 +273,13 @@ def settings_from_image(path: Path) -> ImageSettings:
         return ImageSettings(read_settings(path), "embedded settings")
     except SettingsError as first:
         try:
-            with Image.open(path) as image:
-                text = image.info.get(PARAMETERS_KEY) or image.getexif().get(IMAGE_DESCRIPTION)
-                if not text:
-                    text = image.getexif().get_ifd(EXIF_IFD).get(IMAGE_DESCRIPTION)
-        except OSError:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # only metadata is read
+                with Image.open(path) as image:
+                    text = image.info.get(PARAMETERS_KEY) or image.getexif().get(IMAGE_DESCRIPTION)
+                    if not text:
+                        text = image.getexif().get_ifd(EXIF_IFD).get(IMAGE_DESCRIPTION)
+        except UNREADABLE_IMAGE_ERRORS:  # not an image, a bomb, broken chunks: the first reader's message says so
             raise first from None
         if not text:
             raise SettingsError(

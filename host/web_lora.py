@@ -73,7 +73,7 @@ class LoraPanel:
         if preset is None or not name:
             return gr.update(), gr.update(), gr.update(), status_html("Choose a model and a LoRA set first.", "error")
         try:
-            lset = load_lset(resolve_lset(name, self.session.lora_folders(preset)))
+            lset = load_lset(resolve_lset(name, self.session.lora_folders(preset), allow_absolute=False))
         except UserInputError as exc:
             return gr.update(), gr.update(), gr.update(), status_html(str(exc), "error")
         prompt = lset.prompt or gr.update()

@@ -3,6 +3,8 @@
 A session holds one loaded model and is not thread-safe, so only the worker calls `files_for`,
 `model_for`, `run` and `save` (the page's handlers only validate with `prepare`, which reads presets).
 The page polls `snapshot()`; nothing a task does (bad files, out of memory, abort) stops the worker.
+Every job belongs to the page (browser tab) that queued it, its `owner`: a page's status line, gallery,
+preview, Abort and Clear concern its own jobs, while the queue table lists everyone's.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class Job:
     paths: list[Path] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)  # as used (seed resolved), once done
     lora_reports: list[str] = field(default_factory=list)
+    owner: str = ""  # the page (browser tab) that queued it; "" for callers that have no pages
 
     @property
     def s_per_it(self) -> float | None:
@@ -79,6 +82,7 @@ class GalleryItem:
     path: Path
     settings: dict[str, Any]
     job_id: int
+    owner: str = ""
 
     @property
     def caption(self) -> str:
@@ -103,9 +107,14 @@ class Snapshot:
     pending: list[Job]
     finished: list[Job]
     results: list[GalleryItem]
-    event: Event | None
+    event: Event | None  # the latest event of any page
     preview: Image.Image | None
     preview_version: int
+    events: dict[str, Event] = field(default_factory=dict)  # owner -> the latest event of that page's jobs
+    preview_owner: str = ""
+
+    def event_of(self, owner: str) -> Event | None:
+        return self.events.get(owner)
 
 
 ErrorFormatter = Callable[[Task, BaseException], str]
@@ -127,6 +136,8 @@ class GenerationWorker:
         self._cancel = threading.Event()
         self._ids = itertools.count(1)
         self._event: Event | None = None
+        self._events: dict[str, Event] = {}
+        self._preview_owner = ""
         self._event_versions = itertools.count(1)
         self._preview: Image.Image | None = None
         self._preview_version = 0
@@ -135,31 +146,33 @@ class GenerationWorker:
 
     # -- called by the page ---------------------------------------------------------------------
 
-    def submit(self, task: Task) -> Job:
-        """Queue a validated task; returns its job (its id is shown in the page)."""
+    def submit(self, task: Task, owner: str = "") -> Job:
+        """Queue a validated task for the page `owner`; returns its job (its id is shown in the page)."""
         with self._wake:
-            job = Job(next(self._ids), task)
+            job = Job(next(self._ids), task, owner=owner)
             self._pending.append(job)
             self._wake.notify()
         return job
 
-    def abort(self) -> str:
-        """Stop the running job at its next step (queued jobs stay queued)."""
+    def abort(self, owner: str | None = None) -> str:
+        """Stop the running job at its next step (queued jobs stay queued); with `owner`, only its own job."""
         with self._lock:
             if self._current is None:
                 return "nothing is running"
+            if owner is not None and self._current.owner != owner:
+                return f"job #{self._current.id} was queued in another tab: only that tab can abort it"
             self._cancel.set()
             return f"aborting job #{self._current.id}…"
 
-    def clear(self) -> int:
-        """Drop the jobs that have not started; returns how many."""
+    def clear(self, owner: str | None = None) -> int:
+        """Drop the jobs that have not started (with `owner`, only its own); returns how many."""
         with self._lock:
-            count = len(self._pending)
-            for job in self._pending:
+            removed = [job for job in self._pending if owner is None or job.owner == owner]
+            for job in removed:
                 job.state, job.message = ABORTED, "removed from the queue"
+                self._pending.remove(job)
                 self._finished.append(job)
-            self._pending.clear()
-            return count
+            return len(removed)
 
     def snapshot(self) -> Snapshot:
         with self._lock:
@@ -171,6 +184,8 @@ class GenerationWorker:
                 event=self._event,
                 preview=self._preview,
                 preview_version=self._preview_version,
+                events=dict(self._events),
+                preview_owner=self._preview_owner,
             )
 
     def idle(self) -> bool:
@@ -215,7 +230,7 @@ class GenerationWorker:
         paths = session.save(result, self.output_dir)
         with self._lock:
             job.paths, job.settings = list(paths), dict(result.settings)
-            self._results.extend(GalleryItem(p, dict(result.settings), job.id) for p in paths)
+            self._results.extend(GalleryItem(p, dict(result.settings), job.id, job.owner) for p in paths)
         took = result.info.get("timings", {}).get("denoise_s")
         timing = f" in {took:.2f} s" if took is not None else ""
         done = f"job #{job.id} done{timing}: {len(paths)} image(s), seed {result.settings['seed']}{loras}"
@@ -227,7 +242,7 @@ class GenerationWorker:
         total = int(settings.get("num_inference_steps", 0)) or None
         shift = settings.get("flow_shift")
         sigmas = get_sigmas(total, float(shift)).tolist() if total and shift else None
-        previewer = LatentPreviewer(sigmas)
+        previewer = LatentPreviewer(sigmas, job.task.preset.facts.latent)  # the family's latent format
 
         def on_step(event: Any) -> None:
             with self._lock:
@@ -235,7 +250,7 @@ class GenerationWorker:
             latents = getattr(event, "latents", None)
             if latents is not None:
                 if event.step % preview_interval(event.total) == 0 or event.step == event.total:
-                    self._set_preview(previewer.image(event.step, latents))
+                    self._set_preview(previewer.image(event.step, latents), job.owner)
                 previewer.observe(event.step, latents)
             self._check_cancel()
 
@@ -248,13 +263,14 @@ class GenerationWorker:
     def _set(self, job: Job, state: str, text: str) -> None:
         with self._lock:
             job.state = state
-            self._event = Event(next(self._event_versions), text)
+            self._event = self._events[job.owner] = Event(next(self._event_versions), text)
 
-    def _set_preview(self, image: Image.Image | None) -> None:
+    def _set_preview(self, image: Image.Image | None, owner: str = "") -> None:
         if image is None:
             return
         with self._lock:
             self._preview, self._preview_version = image, self._preview_version + 1
+            self._preview_owner = owner
 
     def _finish(self, job: Job, state: str, text: str, level: str) -> None:
         with self._lock:
@@ -262,7 +278,7 @@ class GenerationWorker:
             self._finished.append(job)
             self._current = None
             self._cancel.clear()
-            self._event = Event(next(self._event_versions), text, level)
+            self._event = self._events[job.owner] = Event(next(self._event_versions), text, level)
 
 
 def _copy_job(job: Job) -> Job:
@@ -277,6 +293,7 @@ def _copy_job(job: Job) -> Job:
         list(job.paths),
         dict(job.settings),
         list(job.lora_reports),
+        job.owner,
     )
 
 

@@ -28,12 +28,19 @@ def status_html(text: str, level: str = "info") -> str:
     return f'<div class="wgp-msg wgp-{level}" data-level="{level}">{html.escape(text)}</div>'
 
 
-def progress_html(snapshot: Snapshot, download_bytes: int = 0) -> str:
-    """The bar of the running job: step, s/it, ETA; before the steps, the phase (files, loading)."""
+def progress_html(snapshot: Snapshot, download_bytes: int = 0, owner: str | None = None) -> str:
+    """The bar of the running job: step, s/it, ETA; before the steps, the phase (files, loading).
+
+    With `owner` (the page asking), another page's running job is named as such, without its bar.
+    """
     job = snapshot.current
     if job is None:
         waiting = len(snapshot.pending)
         text = f"{waiting} job(s) waiting" if waiting else "idle"
+        return _bar(0, text, 0, 0)
+    if owner is not None and job.owner != owner:
+        mine = sum(1 for j in snapshot.pending if j.owner == owner)
+        text = f"busy with job #{job.id} from another tab" + (f"; {mine} of your job(s) waiting" if mine else "")
         return _bar(0, text, 0, 0)
     phase = job.progress_text()
     if job.state == FILES and download_bytes:
@@ -50,8 +57,9 @@ def _bar(percent: float, text: str, step: int, total: int) -> str:
     )
 
 
-def queue_html(snapshot: Snapshot) -> str:
-    """Running and waiting jobs, then the last finished ones, each with its own settings."""
+def queue_html(snapshot: Snapshot, owner: str | None = None) -> str:
+    """Running and waiting jobs, then the last finished ones, each with its own settings (everyone's;
+    with `owner`, the asking page's own jobs are marked "this tab")."""
     rows = []
     jobs: list[Job] = ([snapshot.current] if snapshot.current else []) + snapshot.pending
     jobs += list(reversed(snapshot.finished[-8:]))
@@ -60,7 +68,7 @@ def queue_html(snapshot: Snapshot) -> str:
         state = job.state if job.state not in ("failed", "aborted") else f"{job.state}: {job.message}"
         rows.append(
             "<tr>"
-            f"<td>#{job.id}</td><td>{html.escape(job.task.model_type)}</td>"
+            f"<td>#{job.id}{_whose(job, owner)}</td><td>{html.escape(job.task.model_type)}</td>"
             f"<td>{html.escape(_short(str(s.get('prompt', ''))))}</td>"
             f"<td>{html.escape(str(s.get('resolution', '')))}</td><td>{s.get('num_inference_steps', '')}</td>"
             f"<td>{html.escape(_short(state, 80))}</td>"
@@ -70,6 +78,12 @@ def queue_html(snapshot: Snapshot) -> str:
         return "<p>Queue empty: press Generate (several times to queue several tasks).</p>"
     head = "<tr><th>job</th><th>model</th><th>prompt</th><th>size</th><th>steps</th><th>state</th></tr>"
     return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _whose(job: Job, owner: str | None) -> str:
+    if owner is None:
+        return ""
+    return " (this tab)" if job.owner == owner else " (other tab)"
 
 
 def _short(text: str, limit: int = 48) -> str:

@@ -325,6 +325,59 @@ def test_lora_panel_lists_the_family_folder_and_reports_each_lora(page: object, 
     assert "not a number" in wait_status(page, "Not queued")
 
 
+def test_a_dropped_file_that_is_not_an_image_gets_one_line_and_the_area_takes_the_next(
+    page: object, server: Server, tmp_path: Path
+) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    page.set_input_files("#settings_drop input[type=file]", str(notes))
+    status = wait_status(page, "No settings taken")
+    assert "notes.txt" in status and "\n" not in status.strip() and "Traceback" not in status
+    expect(page.locator("#settings_drop")).not_to_contain_text("notes.txt")  # emptied, not stuck on "Error"
+    expect(page.locator("#settings_drop")).not_to_contain_text("Error")
+    [path] = saved(server, 1234)  # the next drop works
+    page.set_input_files("#settings_drop input[type=file]", str(path))
+    expect(page.locator("#prompt textarea")).to_have_value("a tiny red fox in the snow")
+
+
+def test_the_model_picker_does_not_take_free_text(page: object) -> None:
+    use_selftest(page)
+    page.fill("#model input", "not a model")
+    page.press("#model input", "Tab")
+    expect(page.locator("#model input")).to_have_value(_contains("self-test"))
+    expect(page.locator("#model_info")).to_contain_text("Self-test model")
+
+
+def test_two_tabs_each_see_their_own_jobs(browser: object, server: Server) -> None:
+    """Two tabs of one browser: a tab's status, gallery and progress are its own jobs'; the queue shows all."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        one, two = context.new_page(), context.new_page()
+        for tab in (one, two):
+            tab.goto(server.url)
+            tab.wait_for_selector("#generate")
+            expect(tab.locator("#prompt textarea")).not_to_have_value("")
+            use_selftest(tab)
+        set_field(two, "prompt", "tab two's job")
+        set_field(two, "seed", "77")
+        two.click("#generate")
+        expect(two.locator("#gallery img")).to_have_count(1, timeout=RUN_TIMEOUT_MS)
+        wait_status(two, "seed 77")
+        expect(one.locator("#queue")).to_contain_text("other tab")
+        assert gallery_count(one) == 0 and "seed 77" not in one.inner_text("#status")
+        set_field(one, "prompt", "tab one's job")
+        set_field(one, "seed", "78")
+        one.click("#generate")
+        expect(one.locator("#gallery img")).to_have_count(1, timeout=RUN_TIMEOUT_MS)
+        wait_status(one, "seed 78")
+        expect(two.locator("#queue")).to_contain_text("#")
+        assert gallery_count(two) == 1 and "seed 78" not in two.inner_text("#status")
+        one.locator("#gallery img").first.click()
+        expect(one.locator("#image_settings")).to_contain_text('"seed": 78')
+    finally:
+        context.close()
+
+
 def _contains(text: str) -> object:
     import re
 

@@ -175,3 +175,123 @@ def test_out_of_memory_gets_advice_other_errors_their_type(app: Any) -> None:
     task = app.session.prepare({"model_type": "toy"}, "test")
     assert app.format_error(task, RuntimeError("CUDA out of memory (2 GiB)")).startswith("Out of memory")
     assert app.format_error(task, KeyError("x")).startswith("KeyError")
+
+
+# -- issue 9 item 8: tabs, dropped files, LoRA sets, the model picker ----------------------------
+
+
+class Tab:
+    """What Gradio passes as gr.Request: its session hash names the browser tab."""
+
+    def __init__(self, session_hash: str):
+        self.session_hash = session_hash
+
+
+def test_each_tab_sees_its_own_jobs_and_the_queue_table_shows_all(app: Any) -> None:
+    a, b = Tab("tab-a"), Tab("tab-b")
+    page_a, page_b = app.on_tick({}, a)["page"], app.on_tick({}, b)["page"]
+    assert "Queued job #1" in app.on_generate_in_tab(b, *_values(prompt="from b", seed=5))["status"]
+    assert wait_until_idle(app.worker, 20)
+    seen_a, seen_b = app.on_tick(page_a, a), app.on_tick(page_b, b)
+    assert "gallery" not in seen_a and "status" not in seen_a  # tab b's job is not shown as tab a's
+    assert "#1 (other tab)" in seen_a["queue"] and "#1 (this tab)" in seen_b["queue"]
+    assert len(seen_b["gallery"]) == 1 and "seed 5" in seen_b["gallery"][0][1] and "done" in seen_b["status"]
+    app.on_generate_in_tab(a, *_values(prompt="from a", seed=6))
+    assert wait_until_idle(app.worker, 20)
+    seen_a, seen_b = app.on_tick(seen_a["page"], a), app.on_tick(seen_b["page"], b)
+    assert [caption for _, caption in seen_a["gallery"]] == ["#2 seed 6 · toy · 32x32"] and "seed 6" in seen_a["status"]
+    assert "gallery" not in seen_b and "status" not in seen_b
+    assert app.on_reuse_seed(None, a)[0] == 6 and app.on_reuse_seed(None, b)[0] == 5
+
+
+def test_a_tab_cannot_abort_or_clear_another_tabs_jobs(tmp_path: Path) -> None:
+    session = SlowSession(toy_env(tmp_path))
+    worker = GenerationWorker(session)
+    running = worker.submit(session.prepare({"model_type": "toy", "num_inference_steps": 3}, "t"), owner="b")
+    worker.submit(session.prepare({"model_type": "toy"}, "t"), owner="b")
+    worker.submit(session.prepare({"model_type": "toy"}, "t"), owner="a")
+    deadline = time.monotonic() + 10
+    while worker.snapshot().current is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    snap = worker.snapshot()
+    assert "busy with job #1 from another tab; 1 of your job(s) waiting" in progress_html(snap, 0, "a")
+    assert "job #1:" in progress_html(snap, 0, "b")
+    assert "another tab" in worker.abort("a") and worker.clear("a") == 1
+    session.steps.release(100)
+    assert wait_until_idle(worker, 20)
+    states = {j.id: j.state for j in worker.snapshot().finished}
+    assert states == {1: DONE, 2: DONE, 3: ABORTED} and running.owner == "b"
+
+
+def _png(chunks: list[tuple[bytes, bytes]], width: int = 8, height: int = 8, bad_crc: bytes = b"") -> bytes:
+    """A PNG built chunk by chunk (IHDR of the given size, the given chunks, IEND); `bad_crc` names a
+    chunk whose checksum is wrong."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) ^ (0xFFFFFFFF if kind == bad_crc else 0)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 1)
+    body = [chunk(b"IHDR", ihdr), *(chunk(k, d) for k, d in chunks), chunk(b"IDAT", idat), chunk(b"IEND", b"")]
+    return b"\x89PNG\r\n\x1a\n" + b"".join(body)
+
+
+@pytest.mark.parametrize(
+    "name, content, reason",
+    [
+        ("notes.txt", b"just some text\n", "not a readable image"),
+        ("fake.png", b"not a png at all", "not a readable image"),
+        ("bomb.png", _png([], width=100_000, height=100_000), "too many pixels"),
+        ("broken.png", _png([(b"tEXt", b"parameters\0hello")], bad_crc=b"tEXt"), "not a readable image"),
+        ("inflating.png", _png([(b"zTXt", b"parameters\0\0" + __import__("zlib").compress(b"a" * 50_000_000))]), ""),
+    ],
+    ids=["text", "fake-png", "bomb", "bad-crc", "inflating-text"],
+)
+def test_a_dropped_file_that_is_not_our_image_gets_one_line_and_the_drop_area_resets(
+    app: Any, tmp_path: Path, name: str, content: bytes, reason: str
+) -> None:
+    path = tmp_path / "gradio-temp-folder" / name
+    path.parent.mkdir()
+    path.write_bytes(content)
+    updates = app.on_drop(str(path), "toy")
+    assert updates["settings_drop"] is None  # emptied, ready for the next file
+    text = updates["status"]
+    assert "wgp-error" in text and "No settings taken" in text and name in text and reason in text
+    assert "\n" not in text and "Traceback" not in text and str(path.parent) not in text and len(text) < 500
+    assert "prompt" not in updates  # the form is untouched
+
+
+def test_load_set_reads_only_sets_in_the_lora_folders(tmp_path: Path) -> None:
+    import argparse
+
+    from host.web_events import WebApp
+
+    config = toy_env(tmp_path)
+    config.lora_args = argparse.Namespace(lora_dir_toy=tmp_path / "loras" / "toy", loras=tmp_path / "loras")
+    (tmp_path / "loras" / "toy").mkdir(parents=True)
+    (tmp_path / "loras" / "toy" / "mine.lset").write_text(json.dumps({"loras": [], "prompt": "from my set"}))
+    outside = tmp_path / "elsewhere" / "secret.lset"
+    outside.parent.mkdir()
+    outside.write_text(json.dumps({"loras": [], "prompt": "a secret"}))
+    web = WebApp(Session(config), tmp_path / "settings")
+    web.c = {}
+    assert web.on_lset_load("toy", "mine")[2] == "from my set"
+    for name in (str(outside), "~/secret.lset", "../../elsewhere/secret", str(outside.with_suffix(""))):
+        loras, mult, prompt, status = web.on_lset_load("toy", name)
+        assert "wgp-error" in status and "a secret" not in str(prompt), name
+    assert "only sets in the LoRA folders" in web.on_lset_load("toy", str(outside))[3]
+
+
+def test_the_model_picker_takes_only_models(tmp_path: Path) -> None:
+    import gradio as gr
+
+    from host.web import build_app
+
+    demo = build_app(Session(toy_env(tmp_path)), tmp_path / "settings")
+    [picker] = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "model"]
+    assert picker.preprocess("toy") == "toy"
+    with pytest.raises(gr.Error, match="not in the list of choices"):
+        picker.preprocess("not a model")
