@@ -23,6 +23,7 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from common.errors import SettingsError
+from common.settings_schema import is_pil_image
 from host.settings import MAX_TEXT_CHARS, parse_json_text
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,13 @@ def parameters_text(settings: Mapping[str, Any], info: Mapping[str, Any]) -> str
 
 
 def embedded_json(settings: Mapping[str, Any], info: Mapping[str, Any]) -> str:
-    """The settings (a valid task) with the provenance under `generation_info`."""
-    return json.dumps({**settings, "generation_info": dict(info)}, ensure_ascii=True, sort_keys=False)
+    """The settings (a valid task) with the provenance under `generation_info`.
+
+    An input image given as a path stays a path (and `generation_info.inputs` has its sha256); one given
+    in memory (Python API) is written as null, its pixels' sha256 in `generation_info.inputs`.
+    """
+    values = {k: None if is_pil_image(v) else v for k, v in settings.items()}
+    return json.dumps({**values, "generation_info": dict(info)}, ensure_ascii=True, sort_keys=False)
 
 
 def check_output_folder(folder: Path) -> Path:

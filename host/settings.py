@@ -1,25 +1,29 @@
-"""Settings shared by every family: the host's own keys, merging and validation.
+"""Settings shared by every family: the host's own settings, merging and validation.
 
-A task's settings are: family defaults (`update_default_settings`) < the preset's top-level
-settings < the task itself. The host checks its own keys here; the family checks the rest
-(`validate_settings`). A key neither knows is an error that suggests the closest known key.
+A task's settings are: the family's defaults (its schema, `query_settings_schema`) < the preset's
+top-level settings < the task itself. Every value is checked against its `SettingSpec` (the host's
+below, the family's own), then by the family's `validate_settings`. A key neither declares is an error
+that suggests the closest known key.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import logging
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common import settings_schema as schema
 from common.errors import SettingsError, UserInputError
+from common.settings_schema import SettingSpec
 from host.registry import FamilyHandler
 
-OUTPUT_FORMATS = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp"}
+log = logging.getLogger(__name__)
+
 QUANTIZATIONS = ("int8", "bf16", "fp16", "fp32")
 # Longest text any setting may hold. Text encoders read at most ~1024 tokens, a few characters each, so 64
 # characters per token is far beyond any prompt that reaches them; the cap bounds tokenizing time and memory
@@ -28,38 +32,78 @@ MAX_TEXT_CHARS = 65_536
 SIZE_KEYS = ("width", "height")
 
 
-@dataclass(frozen=True)
-class HostKey:
-    """One setting the host itself reads: accepted types, default, and a one-line meaning."""
-
-    types: tuple[type, ...]
-    default: Any
-    meaning: str
-
-
-HOST_KEYS: dict[str, HostKey] = {
-    "model_type": HostKey((str,), None, "preset id, e.g. z_image or z_image_base"),
-    "output_format": HostKey((str,), "png", "png, jpeg or webp"),
-    "quantization": HostKey((str,), "int8", "weights variant: int8 where one exists, else bf16"),
-    "attention": HostKey((str,), "auto", "attention backend: auto (preset rules) or a backend name, e.g. sdpa"),
-    "profile": HostKey((int, str), "auto", "memory profile (offload), auto or a number"),
-    "activated_loras": HostKey((list,), [], "LoRA file names in the LoRA folders (or absolute paths), after the preset's"),
-    "loras_multipliers": HostKey((str, list), "", "one multiplier per activated LoRA (a,b,c = per-step schedule)"),
-    "lset": HostKey((str,), None, "an .lset file in the LoRA folder: its LoRAs come before activated_loras"),
-    "generation_info": HostKey((dict,), None, "written into saved images (files, hashes, version); ignored on input"),
-}
-HOST_ONLY = frozenset(HOST_KEYS)
+# The host's own settings, declared like a family's (common/settings_schema.py): the form shows them after
+# the family's, in this order. mmgp's memory profiles are host/offload.py PROFILES.
+HOST_SPECS: tuple[SettingSpec, ...] = (
+    SettingSpec("model_type", "text", None, "preset id (required), e.g. one listed by --list-models", group="hidden", cli=False),
+    SettingSpec(
+        "quantization", "choice", "int8", "weights variant: int8 where one exists, else bf16", group="advanced",
+        choices=QUANTIZATIONS, label="Weights",
+    ),
+    SettingSpec(
+        "profile", "choice", "auto", "memory profile (offload with mmgp on CUDA): auto or 1-5, 4 = low RAM / low VRAM",
+        group="advanced", choices=("auto", 1, 2, 3, 4, 5), changes_image=False, label="Offload profile (CUDA)",
+    ),
+    SettingSpec(
+        "attention", "text", "auto", "attention backend: auto (preset rules) or a backend name, e.g. sdpa",
+        group="advanced", changes_image=False,
+    ),
+    SettingSpec(
+        "output_format", "choice", "png", "file format of saved images", group="advanced",
+        choices=("png", "jpeg", "webp"), aliases=(("jpg", "jpeg"),), changes_image=False, label="File format",
+    ),
+    SettingSpec(
+        "activated_loras", "list", [], "LoRA file names in the LoRA folders (or absolute paths), after the preset's",
+        group="lora", flag="loras", cli=False, label="LoRAs (family folder)",
+    ),
+    SettingSpec(
+        "loras_multipliers", "text_or_list", "", "one multiplier per activated LoRA (a,b,c = per-step schedule)",
+        group="lora", cli=False, label="Multipliers",
+    ),
+    SettingSpec(
+        "lset", "text", None, "an .lset file in the LoRA folder: its LoRAs come before activated_loras",
+        group="hidden", cli=False,
+    ),
+    SettingSpec(
+        "generation_info", "mapping", None, "written into saved images (files, hashes, version); ignored on input",
+        group="hidden", cli=False, changes_image=False,
+    ),
+)
+HOST_ONLY = frozenset(s.name for s in HOST_SPECS)
+HOST_KEYS = {s.name: s for s in HOST_SPECS}  # name -> spec (the web form's older name for them)
 
 
 def host_defaults() -> dict[str, Any]:
-    """The host keys' defaults (model_type and generation_info have none)."""
-    return {k: _copy(spec.default) for k, spec in HOST_KEYS.items() if spec.default is not None}
+    """The host keys' defaults (model_type, lset and generation_info have none)."""
+    return {k: v for k, v in schema.defaults_of(HOST_SPECS).items() if v is not None}
+
+
+def family_specs(handler: FamilyHandler, model_type: str) -> list[SettingSpec]:
+    """The settings a family declares for `model_type` (its `query_settings_schema`), checked once here:
+    a family may not declare a host setting or the same name twice."""
+    query = getattr(handler, "query_settings_schema", None)
+    if query is None:
+        raise SettingsError(f"the family of {model_type!r} declares no settings (its handler has no query_settings_schema)")
+    specs = list(query(model_type))
+    names = [s.name for s in specs]
+    clashes = sorted(HOST_ONLY.intersection(names) | {n for n in names if names.count(n) > 1})
+    if clashes or not all(isinstance(s, SettingSpec) for s in specs):
+        raise SettingsError(
+            f"the settings schema of {model_type!r} is malformed: SettingSpec entries with unique names that are not "
+            f"host settings ({', '.join(clashes) or 'an entry is not a SettingSpec'})"
+        )
+    return specs
 
 
 def family_defaults(handler: FamilyHandler, model_type: str, model_def: Mapping[str, Any]) -> dict[str, Any]:
-    """Every setting the family accepts, with the family's fallback values."""
-    settings: dict[str, Any] = {}
+    """Every setting the family accepts, with the family's defaults for `model_type` (in its schema's order);
+    `update_default_settings` may still adjust them for a model definition."""
+    specs = family_specs(handler, model_type)
+    settings = schema.defaults_of(specs)
     handler.update_default_settings(model_type, model_def, settings)
+    for key in [k for k in settings if k not in {s.name for s in specs}]:
+        log.warning("family of %s: default for undeclared setting %r ignored", model_type, key)
+        settings.pop(key)
     return settings
 
 
@@ -72,50 +116,45 @@ def check_known_keys(settings: Mapping[str, Any], known: set[str], where: str, n
             raise SettingsError(f"{where}: unknown {noun} '{key}'{hint}")
 
 
-def check_host_values(settings: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """Type-check the host keys present in `settings`; returns them normalised."""
-    out: dict[str, Any] = {}
-    for key, spec in HOST_KEYS.items():
-        if key not in settings:
-            continue
-        value = settings[key]
-        if isinstance(value, bool) or not isinstance(value, spec.types):
-            wanted = " or ".join(t.__name__ for t in spec.types)
-            raise SettingsError(f"{where}: '{key}' must be {wanted} ({spec.meaning}), got {value!r}")
-        out[key] = _normalise_host_value(key, value, where)
-    return out
-
-
-def _normalise_host_value(key: str, value: Any, where: str) -> Any:
-    if key == "output_format":
-        if value.lower() not in OUTPUT_FORMATS:
-            raise SettingsError(f"{where}: 'output_format' must be png, jpeg or webp, got {value!r}")
-        return OUTPUT_FORMATS[value.lower()]
-    if key == "quantization" and value not in QUANTIZATIONS:
-        raise SettingsError(f"{where}: 'quantization' must be one of {', '.join(QUANTIZATIONS)}, got {value!r}")
-    if key == "activated_loras" and not all(isinstance(v, str) for v in value):
-        raise SettingsError(f"{where}: 'activated_loras' must be a list of file names, got {value!r}")
-    return value
-
-
 def validate(
     handler: FamilyHandler, model_type: str, model_def: Mapping[str, Any], settings: Mapping[str, Any], where: str
 ) -> dict[str, Any]:
-    """Check a merged settings dict: known keys, host types, then the family's own validation.
+    """Check a merged settings dict against the host's and the family's schemas, then the family's own checks.
 
-    Returns the normalised dict (host keys + the family's normalised values), seed not yet resolved.
+    Known keys, text lengths, then each value converted by its spec (types, ranges, finite numbers, readable
+    images); the family's `validate_settings` then sees the values as written (it may be stricter, and checks
+    settings against each other) except image inputs, which the host owns. Returns the normalised dict
+    (host keys + the family's values), seed not yet resolved.
     """
-    family = family_defaults(handler, model_type, model_def)
-    check_known_keys(settings, HOST_ONLY | set(family), where)
+    specs = family_specs(handler, model_type)
+    check_known_keys(settings, HOST_ONLY | {s.name for s in specs}, where)
     check_text_lengths(settings, where)
-    host_part = check_host_values(settings, where)
+    try:
+        host_part = schema.convert_settings(HOST_SPECS, settings)
+        converted = schema.convert_settings(specs, settings)
+    except SettingsError as exc:
+        raise SettingsError(f"{where}: {exc}") from None
     host_part.pop("generation_info", None)  # provenance of a saved image, never an input
-    family_part = {k: v for k, v in settings.items() if k not in HOST_ONLY}
+    images = {s.name for s in specs if s.kind == "image"}
+    family_part = {k: v for k, v in settings.items() if k not in HOST_ONLY and k not in images}
     try:
         normalised = handler.validate_settings(model_type, family_part)
     except SettingsError as exc:
         raise SettingsError(f"{where}: {exc}") from None
-    return {**host_part, **normalised}
+    return {**host_part, **converted, **normalised, **{k: converted[k] for k in images if k in converted}}
+
+
+def generation_inputs(specs: list[SettingSpec], settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a family's `generate` receives: no host keys, image inputs read into PIL images."""
+    kinds = {s.name: s.kind for s in specs}
+    return {
+        k: schema.load_image(v, k) if kinds.get(k) == "image" else v for k, v in settings.items() if k not in HOST_ONLY
+    }
+
+
+def input_records(specs: list[SettingSpec], settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Image inputs as a saved image records them: file name and sha256 (pixels' sha256 for in-memory images)."""
+    return {s.name: schema.image_record(settings[s.name]) for s in specs if s.kind == "image" and settings.get(s.name) is not None}
 
 
 def check_text_lengths(settings: Mapping[str, Any], where: str) -> None:
@@ -214,7 +253,3 @@ def resolve_seed(settings: dict[str, Any]) -> dict[str, Any]:
     if int(out.get("seed", -1)) < 0:
         out["seed"] = secrets.randbelow(2**32)
     return out
-
-
-def _copy(value: Any) -> Any:
-    return list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) else value

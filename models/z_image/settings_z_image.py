@@ -1,22 +1,62 @@
-"""Generation settings for Z-Image: the same names as the host's task files, validated at the boundary.
+"""Generation settings for Z-Image: the schema the family declares, and the engine's typed settings.
 
-Defaults here are only a fallback; the presets in `defaults/*.json` carry each model's real defaults
-(Turbo: 8 steps, guidance 0, shift 3; Base: 30 steps, guidance 4, shift 6).
+`SETTINGS` is what the host builds validation, flags, the web form and the docs table from (the same
+names as the task files). Its defaults are Turbo's; the handler puts each architecture's own over them
+(z_image_handler.py ARCHITECTURE_DEFAULTS), and a preset's values come over those.
+`GenerationSettings.from_dict` converts with the same specs, so the engine alone checks what the host checks.
 """
 
 from __future__ import annotations
 
 import difflib
-import math
-import re
 from dataclasses import dataclass, fields
 from typing import Any
 
 from common.errors import SettingsError
+from common.settings_schema import SettingSpec, as_int, by_name, check_side, convert, parse_size
 
 SIZE_MULTIPLE = 16  # VAE factor 8 x patch size 2
 MAX_SIDE = 4096
 MAX_TOKENS = 1024
+
+SETTINGS: tuple[SettingSpec, ...] = (
+    SettingSpec("prompt", "text", "", "what to draw", lines=3),
+    SettingSpec("negative_prompt", "text", "", "what to avoid; acts only when guidance_scale > 0", lines=2),
+    SettingSpec(
+        "resolution", "size", "1024x1024", "width x height in pixels (or diffusers' width and height)",
+        minimum=SIZE_MULTIPLE, maximum=MAX_SIDE, multiple_of=SIZE_MULTIPLE,
+    ),
+    SettingSpec(
+        "num_inference_steps", "int", 8, "sampler steps; N steps = N transformer evaluations per guidance branch",
+        minimum=1, maximum=1000, flag="steps", label="Steps",
+    ),
+    SettingSpec(
+        "guidance_scale", "float", 0.0, "classifier-free guidance scale; 0 turns guidance off", minimum=0,
+        range_text=">= 0 (0 turns guidance off)", flag="guidance", label="Guidance", step=0.1,
+    ),
+    SettingSpec("flow_shift", "float", 3.0, "shift of the sigma schedule", minimum=0, exclusive_minimum=True, step=0.1),
+    SettingSpec(
+        "seed", "int", -1, "-1 = random; the used seed is recorded in the image", minimum=-1, maximum=2**63 - 1,
+        range_text="-1 (random) or between 0 and 2^63-1", label="Seed (-1 = random)",
+    ),
+    SettingSpec("batch_size", "int", 1, "images per prompt", minimum=1, maximum=64),
+    SettingSpec(
+        "cfg_normalization", "float", False,
+        "false = off, true = 1, or k: the guided prediction's norm is kept within k times the conditional one",
+        minimum=0, range_text="false/true or a number >= 0", bool_as_number=True, group="advanced",
+        label="CFG normalization (0 = off)", step=0.1,
+    ),
+    SettingSpec(
+        "cfg_truncation", "float", 1.0, "guidance is switched off on steps where 1 - sigma > this value",
+        minimum=0, range_text=">= 0 (values >= 1 never truncate)", group="advanced", label="CFG truncation (>= 1: never)",
+        step=0.05,
+    ),
+    SettingSpec(
+        "max_sequence_length", "int", 512, "prompt tokens the text encoder reads (longer prompts are cut)",
+        minimum=1, maximum=MAX_TOKENS, group="advanced", flag="max_tokens", label="Max prompt tokens",
+    ),
+)
+SPECS = by_name(SETTINGS)
 
 
 @dataclass(frozen=True)
@@ -40,55 +80,19 @@ class GenerationSettings:
         values = dict(raw)
         _check_known_keys(values)
         if "resolution" in values:
-            width, height = parse_resolution(values.pop("resolution"))
+            width, height = parse_size(values.pop("resolution"))
             for key, parsed in (("width", width), ("height", height)):
-                if key in values and _as_int(key, values[key]) != parsed:
+                if key in values and as_int(key, values[key]) != parsed:
                     raise SettingsError(f"'resolution' says {key}={parsed} but '{key}' is {values[key]}: give one of them")
                 values[key] = parsed
         if "prompt" not in values:
             raise SettingsError("'prompt' is required")
-        out: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name in values:
-                out[f.name] = _CONVERT[f.name](f.name, values[f.name])
-        settings = cls(**out)
-        settings._check_ranges()
-        return settings
-
-    def _check_ranges(self) -> None:
-        for key in ("width", "height"):
-            value = getattr(self, key)
-            if value < SIZE_MULTIPLE or value > MAX_SIDE:
-                raise SettingsError(f"{key} must be between {SIZE_MULTIPLE} and {MAX_SIDE} (got {value})")
-            if value % SIZE_MULTIPLE:
-                low = value // SIZE_MULTIPLE * SIZE_MULTIPLE
-                raise SettingsError(
-                    f"{key} must be a multiple of {SIZE_MULTIPLE} (got {value}); nearest valid sizes: {low} or {low + SIZE_MULTIPLE}"
-                )
-        _require(1 <= self.num_inference_steps <= 1000, "num_inference_steps must be between 1 and 1000", self.num_inference_steps)
-        _require(1 <= self.batch_size <= 64, "batch_size must be between 1 and 64", self.batch_size)
-        _require(
-            1 <= self.max_sequence_length <= MAX_TOKENS,
-            f"max_sequence_length must be between 1 and {MAX_TOKENS}",
-            self.max_sequence_length,
-        )
-        _require(self.guidance_scale >= 0, "guidance_scale must be >= 0 (0 turns guidance off)", self.guidance_scale)
-        _require(self.flow_shift > 0, "flow_shift must be > 0", self.flow_shift)
-        _require(self.cfg_normalization >= 0, "cfg_normalization must be false/true or a number >= 0", self.cfg_normalization)
-        _require(self.cfg_truncation >= 0, "cfg_truncation must be >= 0 (values >= 1 never truncate)", self.cfg_truncation)
-        _require(self.seed == -1 or 0 <= self.seed < 2**63, "seed must be -1 (random) or between 0 and 2^63-1", self.seed)
+        out = {f.name: _convert(f.name, values[f.name]) for f in fields(cls) if f.name in values}
+        return cls(**out)
 
     @property
     def uses_guidance(self) -> bool:
         return self.guidance_scale > 0
-
-
-def parse_resolution(value: Any) -> tuple[int, int]:
-    """'1024x768' -> (1024, 768) (width first, as Wan2GP)."""
-    match = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(\d+)\s*", str(value))
-    if not match:
-        raise SettingsError(f"resolution must look like '1024x768' (width x height), got {value!r}")
-    return int(match.group(1)), int(match.group(2))
 
 
 KNOWN_KEYS = {f.name for f in fields(GenerationSettings)} | {"resolution"}
@@ -102,63 +106,10 @@ def _check_known_keys(values: dict[str, Any]) -> None:
             raise SettingsError(f"unknown setting '{key}'{hint}")
 
 
-def _require(ok: bool, message: str, value: Any) -> None:
-    if not ok:
-        raise SettingsError(f"{message} (got {value})")
-
-
-def _as_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise SettingsError(f"'{key}' must be an integer (got {value!r})")
-    if isinstance(value, int):
-        return value  # exact, however large (ranges are checked later); float() of a huge int would overflow
-    try:
-        number = float(value)
-    except ValueError:
-        raise SettingsError(f"'{key}' must be an integer (got {value!r})") from None
-    if not number.is_integer():  # also false for inf and nan, which int() cannot convert
-        raise SettingsError(f"'{key}' must be a whole number (got {value!r})")
-    return int(number)
-
-
-def _as_float(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise SettingsError(f"'{key}' must be a number (got {value!r})")
-    try:
-        number = float(value)
-    except (ValueError, OverflowError):
-        raise SettingsError(f"'{key}' must be a number (got {value!r})") from None
-    if not math.isfinite(number):  # JSON and float() both accept inf and nan; no setting means anything with them
-        raise SettingsError(f"'{key}' must be a finite number (got {value!r})")
-    return number
-
-
-def _as_str(key: str, value: Any) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise SettingsError(f"'{key}' must be text (got {type(value).__name__})")
-    return value
-
-
-def _as_norm(key: str, value: Any) -> float:
-    """cfg_normalization: false = off, true = 1.0, or a number k."""
-    if isinstance(value, bool):
-        return 1.0 if value else 0.0
-    return _as_float(key, value)
-
-
-_CONVERT = {
-    "prompt": _as_str,
-    "negative_prompt": _as_str,
-    "width": _as_int,
-    "height": _as_int,
-    "num_inference_steps": _as_int,
-    "guidance_scale": _as_float,
-    "flow_shift": _as_float,
-    "seed": _as_int,
-    "batch_size": _as_int,
-    "cfg_normalization": _as_norm,
-    "cfg_truncation": _as_float,
-    "max_sequence_length": _as_int,
-}
+def _convert(key: str, value: Any) -> Any:
+    """A field's value through its spec (type, finite, range); width and height as sides of `resolution`."""
+    if key in ("width", "height"):
+        side = as_int(key, value)
+        check_side(SPECS["resolution"], key, side)
+        return side
+    return convert(SPECS[key], value)

@@ -13,7 +13,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from common.errors import CheckpointError
-from models.z_image.settings_z_image import GenerationSettings
+from common.settings_schema import SettingSpec, with_defaults
+from models.z_image.settings_z_image import SETTINGS, GenerationSettings
 
 FAMILY = "z_image"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -29,19 +30,6 @@ TEXT_ENCODER_FILES = {
     "tokenizer_vocab": "vocab.json",
     "tokenizer_merges": "merges.txt",
 }
-SETTINGS_ORDER = (
-    "prompt",
-    "negative_prompt",
-    "resolution",
-    "num_inference_steps",
-    "guidance_scale",
-    "flow_shift",
-    "seed",
-    "batch_size",
-    "cfg_normalization",
-    "cfg_truncation",
-    "max_sequence_length",
-)
 # Each architecture's own defaults (REFERENCE.md sections 3-4), under a preset's values: a preset or
 # finetune that names an architecture and no settings runs as that model is meant to run.
 BASE_NEGATIVE_PROMPT = (
@@ -77,23 +65,24 @@ class ZImageHandler:
         """No extra model-definition fields: everything Z-Image needs is in the host's schema."""
         return {}
 
-    def update_default_settings(self, model_type: str, model_def: Mapping[str, Any], settings: dict[str, Any]) -> None:
-        """Every setting Z-Image accepts, with `model_type`'s own defaults (Turbo: 8 steps, no guidance,
-        shift 3; Base: 30 steps, guidance 4, shift 6, a negative prompt); a preset's values override them."""
+    def query_settings_schema(self, model_type: str) -> list[SettingSpec]:
+        """Every setting Z-Image accepts (models/z_image/settings_z_image.py SETTINGS) with `model_type`'s own
+        defaults (Turbo: 8 steps, no guidance, shift 3; Base: 30 steps, guidance 4, shift 6, a negative prompt)."""
         if model_type not in ARCHITECTURE_DEFAULTS:
             raise ValueError(f"unknown Z-Image architecture {model_type!r} (known: {', '.join(ARCHITECTURE_DEFAULTS)})")
-        engine = {f.name: f.default for f in fields(GenerationSettings)}
-        engine.update(prompt="", resolution=f"{engine.pop('width')}x{engine.pop('height')}", cfg_normalization=False)
-        engine.update(ARCHITECTURE_DEFAULTS[model_type])
-        for key in SETTINGS_ORDER:
-            settings.setdefault(key, engine[key])
+        return with_defaults(SETTINGS, ARCHITECTURE_DEFAULTS[model_type])
+
+    def update_default_settings(self, model_type: str, model_def: Mapping[str, Any], settings: dict[str, Any]) -> None:
+        """The schema's defaults for `model_type` (Wan2GP's call); a preset's values override them."""
+        for spec in self.query_settings_schema(model_type):
+            settings.setdefault(spec.name, spec.default)
 
     def validate_settings(self, model_type: str, settings: Mapping[str, Any]) -> dict[str, Any]:
         """The engine's own validation (raises SettingsError naming the field); values normalised."""
         s = GenerationSettings.from_dict(dict(settings))
         values = {f.name: getattr(s, f.name) for f in fields(s)}
         values["resolution"] = f"{s.width}x{s.height}"
-        return {key: values[key] for key in SETTINGS_ORDER}
+        return {spec.name: values[spec.name] for spec in SETTINGS}
 
     def register_lora_cli_args(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--lora-dir-z-image", type=Path, metavar="DIR", help="Z-Image LoRA folder (default: loras/z_image)")

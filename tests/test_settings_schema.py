@@ -1,0 +1,212 @@
+"""The settings schema a family declares (common/settings_schema.py) and what the host derives from it:
+validation, defaults per architecture, image inputs read for the family and recorded by hash in saved images.
+
+The toy family declares `toy_image` (an image input), `toy_mix` and `toy_invert`, which appear nowhere in host/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import wgp
+from common.errors import SettingsError
+from common.settings_schema import SettingSpec, convert
+from host import cli
+from host import settings as host_settings
+from host.outputs import read_settings
+from host.session import Session
+from tests.fixtures.host_env import cli_args, toy_env, write_json
+
+SIZE = SettingSpec("r", "size", "16x16", minimum=16, maximum=4096, multiple_of=16)
+
+
+@pytest.mark.parametrize(
+    ("spec", "value", "expected"),
+    [
+        (SettingSpec("steps", "int", 8, minimum=1, maximum=1000), "8", 8),
+        (SettingSpec("steps", "int", 8, minimum=1, maximum=1000), "8.0", 8),
+        (SettingSpec("shift", "float", 3.0, minimum=0, exclusive_minimum=True), "2.5", 2.5),
+        (SettingSpec("norm", "float", False, minimum=0, bool_as_number=True), True, 1.0),
+        (SettingSpec("fmt", "choice", "png", choices=("png", "jpeg"), aliases=(("jpg", "jpeg"),)), "JPG", "jpeg"),
+        (SettingSpec("profile", "choice", "auto", choices=("auto", 1, 2)), "2", 2),
+        (SettingSpec("size", "size", "16x16", minimum=16, maximum=64, multiple_of=16), " 32 x 48 ", "32x48"),
+        (SettingSpec("text", "text", ""), None, ""),
+        (SettingSpec("flip", "bool", False), "true", True),
+        (SettingSpec("start", "image", None, group="image"), "", None),
+    ],
+)
+def test_conversion(spec: SettingSpec, value: Any, expected: Any) -> None:
+    assert convert(spec, value) == expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "value", "message"),
+    [
+        (SettingSpec("seed", "int", -1), "inf", "'seed' must be a whole number (got 'inf')"),
+        (SettingSpec("seed", "int", -1), True, "'seed' must be an integer (got True)"),
+        (SettingSpec("g", "float", 0.0), float("nan"), "'g' must be a finite number (got nan)"),
+        (SettingSpec("g", "float", 0.0, minimum=0, range_text=">= 0 (0: off)"), -1, "g must be >= 0 (0: off) (got -1)"),
+        (SettingSpec("n", "int", 1, minimum=1, maximum=64), 65, "n must be between 1 and 64 (got 65)"),
+        (SettingSpec("shift", "float", 1.0, minimum=0, exclusive_minimum=True), 0, "shift must be > 0 (got 0)"),
+        (SettingSpec("fmt", "choice", "png", choices=("png", "jpeg", "webp")), "gif", "'fmt' must be png, jpeg or webp, got 'gif'"),
+        (SettingSpec("q", "choice", "int8", "weights", choices=("int8", "bf16")), 8, "'q' must be str (weights), got 8"),
+        (SIZE, "1000x512", "width must be a multiple of 16 (got 1000); nearest valid sizes: 992 or 1008"),
+        (SIZE, "512x8192", "height must be between 16 and 4096"),
+        (SettingSpec("r", "size", "16x16"), "big", "r must look like '1024x768'"),
+        (SettingSpec("p", "text", ""), 3, "'p' must be text (got int)"),
+        (SettingSpec("l", "list", [], "LoRA names"), "a.safetensors", "'l' must be list (LoRA names)"),
+        (SettingSpec("flip", "bool", False), "maybe", "'flip' must be true or false"),
+        (SettingSpec("start", "image", None, group="image"), 5, "'start' must be the path of an image file"),
+    ],
+)
+def test_refusals_name_the_setting(spec: SettingSpec, value: Any, message: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        convert(spec, value)
+    assert message in str(info.value)
+
+
+def test_malformed_declarations_are_refused() -> None:
+    with pytest.raises(ValueError, match="kind 'number' is not one of"):
+        SettingSpec("x", "number")
+    with pytest.raises(ValueError, match="group 'extra' is not one of"):
+        SettingSpec("x", "int", group="extra")
+    with pytest.raises(ValueError, match="a choice needs its choices"):
+        SettingSpec("x", "choice")
+
+
+# -- Z-Image's schema: today's settings, defaults per architecture and ranges ---------------------------
+
+
+ZIMAGE_TURBO = {
+    "prompt": "",
+    "negative_prompt": "",
+    "resolution": "1024x1024",
+    "num_inference_steps": 8,
+    "guidance_scale": 0.0,
+    "flow_shift": 3.0,
+    "seed": -1,
+    "batch_size": 1,
+    "cfg_normalization": False,
+    "cfg_truncation": 1.0,
+    "max_sequence_length": 512,
+}
+
+
+def test_z_image_declares_todays_settings_with_each_architectures_defaults() -> None:
+    from models.z_image.z_image_handler import BASE_NEGATIVE_PROMPT, family_handler
+
+    turbo = host_settings.family_defaults(family_handler, "z_image", {})
+    assert list(turbo.items()) == list(ZIMAGE_TURBO.items())  # same keys, values and order as before the schema
+    base = host_settings.family_defaults(family_handler, "z_image_base", {})
+    expected = {**ZIMAGE_TURBO, "num_inference_steps": 30, "guidance_scale": 4.0, "flow_shift": 6.0}
+    assert base == {**expected, "negative_prompt": BASE_NEGATIVE_PROMPT}
+    specs = {s.name: s for s in family_handler.query_settings_schema("z_image")}
+    assert (specs["num_inference_steps"].flag_name, specs["guidance_scale"].flag_name) == ("--steps", "--guidance")
+    assert (specs["max_sequence_length"].minimum, specs["max_sequence_length"].maximum) == (1, 1024)
+
+
+def test_z_image_tasks_checked_by_the_schema_keep_their_messages() -> None:
+    session = Session()  # the shipped presets; validation only
+    cases = {
+        "num_inference_steps": (0, "num_inference_steps must be between 1 and 1000 (got 0)"),
+        "guidance_scale": (-1, "guidance_scale must be >= 0 (0 turns guidance off) (got -1)"),
+        "flow_shift": ("inf", "'flow_shift' must be a finite number (got 'inf')"),
+        "cfg_truncation": (-0.5, "cfg_truncation must be >= 0 (values >= 1 never truncate) (got -0.5)"),
+        "resolution": ("1000x1024", "width must be a multiple of 16 (got 1000); nearest valid sizes: 992 or 1008"),
+        "guidance": (3, "unknown setting 'guidance'; did you mean 'guidance_scale'?"),
+    }
+    for key, (value, message) in cases.items():
+        with pytest.raises(SettingsError) as info:
+            session.prepare({"model_type": "z_image", "prompt": "x", key: value}, "t.json[0]")
+        assert str(info.value) == f"t.json[0]: {message}"
+
+
+# -- a setting the host never heard of: the toy family's ----------------------------------------------
+
+
+@pytest.fixture
+def session(tmp_path: Path) -> Session:
+    return Session(toy_env(tmp_path))
+
+
+def _picture(path: Path, colour: tuple[int, int, int] = (200, 10, 60), size: tuple[int, int] = (32, 32)) -> Path:
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"toy_mix": 2}, "toy_mix must be between 0 and 1 \\(got 2\\)"),
+        ({"toy_mix": "nan"}, "'toy_mix' must be a finite number"),
+        ({"toy_invert": "maybe"}, "'toy_invert' must be true or false"),
+        ({"toy_mxi": 0.5}, "unknown setting 'toy_mxi'; did you mean 'toy_mix'"),
+        ({"toy_image": "nowhere/start.png"}, "'toy_image': image file 'nowhere/start.png' not found"),
+    ],
+)
+def test_family_settings_are_validated_from_the_schema(session: Session, extra: dict[str, Any], message: str) -> None:
+    with pytest.raises(SettingsError, match=message) as info:
+        session.prepare({"model_type": "toy", **extra}, "tasks.json[1]")
+    assert str(info.value).startswith("tasks.json[1]: ")
+
+
+def test_an_input_that_is_not_an_image_is_refused_naming_the_setting(session: Session, tmp_path: Path) -> None:
+    text = tmp_path / "notes.png"
+    text.write_text("not a picture")
+    with pytest.raises(SettingsError, match=f"'toy_image': {text} is not a readable image"):
+        session.prepare({"model_type": "toy", "toy_image": str(text)})
+
+
+def test_family_settings_get_their_defaults_and_converted_values(session: Session) -> None:
+    task = session.prepare({"model_type": "toy", "toy_mix": "0.25", "toy_invert": True})
+    assert (task.settings["toy_mix"], task.settings["toy_invert"], task.settings["toy_image"]) == (0.25, True, None)
+    assert session.prepare({"model_type": "toy"}).settings["toy_mix"] == 0.5
+
+
+def test_image_input_reaches_the_family_and_the_saved_image_records_its_hash(tmp_path: Path) -> None:
+    config = toy_env(tmp_path)
+    start = _picture(tmp_path / "start.png")
+    tasks = write_json(tmp_path / "tasks.json", [{"model_type": "toy", "seed": 1, "toy_image": str(start), "toy_mix": 1.0}])
+    assert cli.main([*cli_args(config), "--process", str(tasks)]) == 0
+    [saved] = sorted(config.output_dir.glob("*.png"))
+    pixels = np.asarray(Image.open(saved))
+    assert (pixels == (200, 10, 60)).all()  # mix 1: the family drew exactly the input picture
+    embedded = read_settings(saved)
+    assert embedded["toy_image"] == str(start.resolve()) and embedded["toy_mix"] == 1.0
+    digest = hashlib.sha256(start.read_bytes()).hexdigest()
+    assert embedded["generation_info"]["inputs"] == {"toy_image": {"name": "start.png", "sha256": digest}}
+    again = tmp_path / "again"
+    assert cli.main([*cli_args(config), "--output-dir", str(again), "--process", str(saved)]) == 0
+    [second] = again.glob("*.png")
+    assert np.array_equal(np.asarray(Image.open(second)), pixels)
+
+
+def test_images_without_inputs_record_none(tmp_path: Path) -> None:
+    config = toy_env(tmp_path)
+    assert cli.main([*cli_args(config), "--model", "toy", "--prompt", "plain"]) == 0
+    [saved] = config.output_dir.glob("*.png")
+    embedded = read_settings(saved)
+    assert embedded["toy_image"] is None and "inputs" not in embedded["generation_info"]
+
+
+def test_api_takes_a_pil_image_or_a_path(tmp_path: Path) -> None:
+    config = toy_env(tmp_path)
+    model = wgp.load_model("toy", config=config)
+    picture = Image.new("RGB", (32, 32), (5, 250, 90))
+    [image] = model.generate("x", seed=3, toy_image=picture, toy_mix=1.0, output_dir=tmp_path / "out")
+    assert (np.asarray(image) == (5, 250, 90)).all()
+    [saved] = (tmp_path / "out").glob("*.png")
+    data = json.loads(Image.open(saved).info["wgp_settings"])
+    pixels = hashlib.sha256(b"RGB:32x32:" + picture.tobytes()).hexdigest()
+    assert data["toy_image"] is None  # an in-memory image cannot be written as a path; its hash is kept
+    assert data["generation_info"]["inputs"]["toy_image"]["pixels_sha256"] == pixels
+    path = _picture(tmp_path / "blue.png", (0, 0, 255))
+    [image] = model.generate("x", seed=3, toy_image=str(path), toy_mix=1.0, toy_invert=True)
+    assert (np.asarray(image) == (255, 255, 0)).all()
