@@ -20,6 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from common.errors import UserInputError
 from common.model_hooks import ModelHooks
+from common.settings_schema import SettingSpec
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,13 @@ class FamilyHandler(Protocol):
 
     def query_model_def(self, model_type: str, model_block: Mapping[str, Any]) -> dict[str, Any]: ...
 
+    def query_settings_schema(self, model_type: str) -> list[SettingSpec]:
+        """Every setting the family accepts for `model_type` (common/settings_schema.py), with its defaults:
+        the host builds validation, CLI flags, the web form, the docs table and saved settings from it."""
+        ...
+
     def update_default_settings(self, model_type: str, model_def: Mapping[str, Any], settings: dict[str, Any]) -> None:
-        """Fill the family's defaults into `settings`, in place; must set every setting the family accepts."""
+        """Adjust the schema's defaults in `settings` for a model definition, in place (Wan2GP's call)."""
         ...
 
     def validate_settings(self, model_type: str, settings: Mapping[str, Any]) -> dict[str, Any]: ...
