@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import GenerationCancelled, UserInputError
-from host import PROGRAM_NAME, __version__, lora_cli, lowvram_cli
-from host.outputs import EXTENSIONS
+from host import PROGRAM_NAME, __version__, lora_cli, lowvram_cli, settings_cli
 from host.progress import ProgressBar, timing_line
 from host.session import Destination, HostConfig, Phase, Session
 from host.tasks import PreparedTask, RawTask, prepare_tasks, read_task_files
@@ -24,24 +23,11 @@ from host.tasks import PreparedTask, RawTask, prepare_tasks, read_task_files
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
-ONE_SHOT_FLAGS = {  # flag dest -> settings key
-    "prompt": "prompt",
-    "negative_prompt": "negative_prompt",
-    "seed": "seed",
-    "steps": "num_inference_steps",
-    "guidance": "guidance_scale",
-    "flow_shift": "flow_shift",
-    "resolution": "resolution",
-    "batch_size": "batch_size",
-    "quantization": "quantization",
-    "attention": "attention",
-    "profile": "profile",
-    "output_format": "output_format",
-}
 
 
 def build_parser(session: Session | None = None) -> argparse.ArgumentParser:
-    """All flags; each family adds its own (`--lora-dir-<family>`)."""
+    """All flags. The settings' one-shot flags come from the schemas: the host's always, the families'
+    (`--steps`, `--guidance`, ...) once the session has discovered them; each family adds `--lora-dir-<family>`."""
     p = argparse.ArgumentParser(
         prog="wgp.py", description=f"{PROGRAM_NAME} {__version__}: local image generation", add_help=session is not None
     )
@@ -51,20 +37,10 @@ def build_parser(session: Session | None = None) -> argparse.ArgumentParser:
     act.add_argument("--selftest", action="store_true", help="generate with the tiny self-test model (no download)")
     act.add_argument("--list-models", action="store_true", help="list the model types and exit")
     gen = p.add_argument_group("one-shot settings (override the preset)")
-    gen.add_argument("--prompt")
-    gen.add_argument("--negative-prompt")
-    gen.add_argument("--seed", type=int, help="-1 = random")
-    gen.add_argument("--steps", type=int)
-    gen.add_argument("--guidance", type=float)
-    gen.add_argument("--flow-shift", type=float)
-    gen.add_argument("--resolution", help="WxH, e.g. 1024x768")
-    gen.add_argument("--batch-size", type=int)
     gen.add_argument("--output", help="one-shot: exact output file (never overwritten), or a folder to save into")
     run = p.add_argument_group("files and running")
     run.add_argument("--output-dir", type=Path, help="where images go (default: outputs/)")
-    run.add_argument("--output-format", choices=sorted(EXTENSIONS))
-    run.add_argument("--quantization", choices=["int8", "bf16", "fp16", "fp32"])
-    run.add_argument("--attention", help="attention backend (default: auto from the preset)")
+    settings_cli.add_setting_flags(run, settings_cli.host_flag_specs())  # --quantization, --profile, --attention, ...
     lowvram_cli.add_arguments(run)
     lora_cli.add_arguments(run)
     run.add_argument(
@@ -89,6 +65,7 @@ def build_parser(session: Session | None = None) -> argparse.ArgumentParser:
     dev.add_argument("--defaults-dir", type=Path, help=argparse.SUPPRESS)
     dev.add_argument("--finetunes-dir", type=Path, help=argparse.SUPPRESS)
     if session is not None:
+        settings_cli.add_setting_flags(gen, settings_cli.family_flag_specs(session.registry))
         for family in session.registry.families.values():
             family.handler.register_lora_cli_args(p)
     return p
@@ -96,17 +73,7 @@ def build_parser(session: Session | None = None) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> HostConfig:
     """HostConfig from the parsed flags (defaults where a flag is absent)."""
-    config = HostConfig(extra_ckpts=list(args.checkpoints_dir), allow_download=not args.offline, device=args.device, lora_args=args)
-    for flag, attr in (
-        ("models_root", "models_root"),
-        ("defaults_dir", "defaults_dir"),
-        ("finetunes_dir", "finetunes_dir"),
-        ("ckpts", "ckpts"),
-        ("output_dir", "output_dir"),
-    ):
-        if getattr(args, flag) is not None:
-            setattr(config, attr, getattr(args, flag))
-    return config
+    return HostConfig.from_args(args)
 
 
 def session_from_args(argv: Sequence[str]) -> tuple[Session, argparse.Namespace]:
@@ -149,17 +116,17 @@ def _dispatch(session: Session, args: argparse.Namespace) -> int:
         if not presets:
             print('error: no self-test preset found (a preset with "selftest": true)', file=sys.stderr)
             return EXIT_FAILED
-        raw = [RawTask({"model_type": p.model_type, **_one_shot_settings(args)}, f"selftest {p.model_type}") for p in presets]
+        raw = [RawTask({"model_type": p.model_type, **_one_shot_settings(session, args)}, f"selftest {p.model_type}") for p in presets]
         return run_tasks(session, raw, args.output_dir)
     if args.process:
         tasks, unreadable = read_task_files(args.process)
         return run_tasks(session, tasks, args.output_dir, failed=unreadable)
-    if args.model or args.prompt is not None:
+    if args.model or getattr(args, "prompt", None) is not None:
         if not args.model:
             print("error: --prompt needs --model (see --list-models)", file=sys.stderr)
             return EXIT_FAILED
         output_dir, output_file = output_target(args.output, args.output_dir)
-        raw = [RawTask({"model_type": args.model, **_one_shot_settings(args, output_file)}, "command line")]
+        raw = [RawTask({"model_type": args.model, **_one_shot_settings(session, args, output_file)}, "command line")]
         return run_tasks(session, raw, output_dir, output_file=output_file)
     return launch_web(args)
 
@@ -174,8 +141,10 @@ def output_target(text: str | None, output_dir: Path | None) -> tuple[Path | Non
     return output_dir, path
 
 
-def _one_shot_settings(args: argparse.Namespace, output_file: Path | None = None) -> dict[str, Any]:
-    settings = {key: getattr(args, dest) for dest, key in ONE_SHOT_FLAGS.items() if getattr(args, dest) is not None}
+def _one_shot_settings(session: Session, args: argparse.Namespace, output_file: Path | None = None) -> dict[str, Any]:
+    """The settings given as flags (host's and families'), by setting name."""
+    specs = [*settings_cli.host_flag_specs(), *settings_cli.family_flag_specs(session.registry)]
+    settings = settings_cli.settings_from_args(args, specs)
     if output_file is not None and "output_format" not in settings:
         suffix = output_file.suffix.lower().lstrip(".")
         settings["output_format"] = {"jpg": "jpeg"}.get(suffix, suffix) if suffix else "png"
@@ -271,16 +240,7 @@ def _report_failure(where: str, message: str) -> None:
 
 
 def launch_web(args: argparse.Namespace) -> int:
-    """The web UI lives in host/web.py (issue 6); imported only when asked for."""
-    try:
-        from host import web
-    except ModuleNotFoundError as exc:
-        if exc.name != "host.web":
-            raise
-        print(
-            "The web UI (host/web.py) is not part of this build yet. Use --process TASKS.json, "
-            "--model M --prompt '...', --selftest or --list-models (see --help).",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
+    """The web UI (host/web.py), imported only when asked for."""
+    from host import web
+
     return int(web.launch(args) or EXIT_OK)

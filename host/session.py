@@ -49,6 +49,15 @@ class HostConfig:
     device: str | None = None
     lora_args: argparse.Namespace | None = None
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> HostConfig:
+        """From the parsed command-line flags (host/cli.py); defaults where a flag is absent."""
+        config = cls(extra_ckpts=list(args.checkpoints_dir), allow_download=not args.offline, device=args.device, lora_args=args)
+        for flag in ("models_root", "defaults_dir", "finetunes_dir", "ckpts", "output_dir"):
+            if getattr(args, flag) is not None:
+                setattr(config, flag, getattr(args, flag))
+        return config
+
 
 @dataclass
 class Task:

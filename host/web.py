@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from host import PROGRAM_NAME, __version__
-from host.session import Session
+from host.session import HostConfig, Session
 from host.web_form import DEFAULT_SETTINGS_DIR, FIELD_IDS, resolution_choices
 from host.web_models import family_choices, family_of, model_choices, models_of_family
 
@@ -28,9 +28,7 @@ MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"
 def launch(args: argparse.Namespace) -> int:
     """Serve the web UI until Ctrl-C (called by `python wgp.py` with the parsed CLI flags)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no phoning home
-    from host.cli import config_from_args
-
-    session = Session(config_from_args(args))
+    session = Session(HostConfig.from_args(args))
     settings_dir = getattr(args, "settings_dir", None) or DEFAULT_SETTINGS_DIR
     demo = build_app(session, Path(settings_dir))
     host = "0.0.0.0" if args.listen else "127.0.0.1"

@@ -1,7 +1,7 @@
 """The web UI's generation queue: one worker thread owns the session and runs queued tasks one by one.
 
-A session holds one loaded model and is not thread-safe, so only the worker calls `files_for`,
-`model_for`, `run` and `save` (the page's handlers only validate with `prepare`, which reads presets).
+A session holds one loaded model and is not thread-safe, so only the worker calls `run` (once per job:
+files, model, generation, saving; the page's handlers only validate with `prepare`, which reads presets).
 The page polls `snapshot()`; nothing a task does (bad files, out of memory, abort) stops the worker.
 Every job belongs to the page (browser tab) that queued it, its `owner`: a page's status line, gallery,
 preview, Abort and Clear concern its own jobs, while the queue table lists everyone's.
@@ -25,7 +25,7 @@ from common.errors import GenerationCancelled, UserInputError
 from common.sampling import get_sigmas
 from host.preview import LatentPreviewer, preview_interval
 from host.progress import format_duration
-from host.session import Session, Task
+from host.session import Destination, Phase, Session, Task
 
 log = logging.getLogger(__name__)
 
@@ -213,28 +213,41 @@ class GenerationWorker:
                 self._finish(job, FAILED, f"job #{job.id} failed: {self.format_error(job.task, exc)}", "error")
 
     def _run(self, job: Job) -> None:
-        """Files (downloads), model (loaded once), denoise with progress and preview, save."""
-        session, task = self.session, job.task
-        self._set(job, FILES, f"job #{job.id}: checking model files (downloading what is missing)…")
-        files = session.files_for(task)
-        self._check_cancel()
-        self._set(job, LOADING, f"job #{job.id}: loading {task.preset.name}…")
-        _, load_s = session.model_for(task, files)  # LoRAs attached here too (run() finds it all cached)
-        self._check_cancel()
-        job.lora_reports = [report.summary() for report in session.lora_reports()]
-        loras = "".join(f"\n{line}" for line in job.lora_reports)
-        loaded = f"model loaded in {load_s:.1f} s; " if load_s is not None else ""
-        self._set(job, RUNNING, f"job #{job.id}: {loaded}generating…{loras}")
-        result = session.run(task, on_step=self._step_callback(job))
-        self._set(job, SAVING, f"job #{job.id}: saving…")
-        paths = session.save(result, self.output_dir)
+        """One `Session.run` (files, model, LoRAs, generation, saving); its phases set the job's state."""
+        result = self.session.run(
+            job.task, on_step=self._step_callback(job), on_phase=self._phase_callback(job), save_to=Destination(self.output_dir)
+        )
+        paths = result.paths
         with self._lock:
             job.paths, job.settings = list(paths), dict(result.settings)
             self._results.extend(GalleryItem(p, dict(result.settings), job.id, job.owner) for p in paths)
         took = result.info.get("timings", {}).get("denoise_s")
         timing = f" in {took:.2f} s" if took is not None else ""
+        loras = "".join(f"\n{line}" for line in job.lora_reports)
         done = f"job #{job.id} done{timing}: {len(paths)} image(s), seed {result.settings['seed']}{loras}"
         self._finish(job, DONE, done, "success")
+
+    def _phase_callback(self, job: Job) -> Callable[[Phase], None]:
+        """The job's state and status line from the session's phases; Abort takes effect between them too."""
+
+        def on_phase(phase: Phase) -> None:
+            self._check_cancel()
+            if phase.name == "files":
+                self._set(job, FILES, f"job #{job.id}: checking model files (downloading what is missing)…")
+            elif phase.name == "load":
+                self._set(job, LOADING, f"job #{job.id}: loading {job.task.preset.name}…")
+            elif phase.name == "loaded":
+                job.lora_reports = [report.summary() for report in phase.detail["lora_reports"]]
+                loras = "".join(f"\n{line}" for line in job.lora_reports)
+                load_s = phase.detail["load_s"]
+                loaded = f"model loaded in {load_s:.1f} s; " if load_s is not None else ""
+                self._set(job, RUNNING, f"job #{job.id}: {loaded}generating…{loras}")
+            elif phase.name == "decode":
+                self._set(job, RUNNING, f"job #{job.id}: decoding…")
+            elif phase.name == "save":
+                self._set(job, SAVING, f"job #{job.id}: saving…")
+
+        return on_phase
 
     def _step_callback(self, job: Job) -> Callable[[Any], None]:
         """Progress + preview every few steps; raises GenerationCancelled when Abort was pressed."""

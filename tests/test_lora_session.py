@@ -19,7 +19,7 @@ import wgp
 from host import cli
 from host import lora as host_lora
 from host.lora_sets import LoraSet, save_lset
-from host.session import HostConfig, Session
+from host.session import Destination, HostConfig, Session
 from models.z_image import loading_z_image  # noqa: F401  (the engine must import: a broken one fails, never skips)
 
 STEPS = 4
@@ -199,3 +199,21 @@ def test_cli_prints_reports_and_a_bad_lora_fails_only_its_task(
     assert f"FAILED {path}[5]: activated_loras: old.pt: .pt is a pickle format" in printed.err
     before, after = sorted(out.glob("*plain*.png"))  # the same task, before and after the failures
     assert Image.open(before).tobytes() == Image.open(after).tobytes()  # nothing left attached by the failures
+
+
+def test_one_run_does_everything_and_reports_its_phases(session: Session, tmp_path: Path) -> None:
+    """Session.run: files, model, LoRAs, generation and saving in one call, the phases in order, the
+    transforms it pushes for the run gone afterwards, and no method of the model replaced."""
+    task = session.prepare({"model_type": "tiny", "activated_loras": ["style.safetensors"]})
+    phases: list[tuple[str, dict]] = []
+    result = session.run(task, on_phase=lambda p: phases.append((p.name, p.detail)), save_to=Destination(tmp_path))
+    names = [name for name, _ in phases]
+    assert names == ["files", "load", "loaded", "encode", "denoise", "decode", "save", "saved"]
+    assert [r.name for r in dict(phases)["loaded"]["lora_reports"]] == ["style.safetensors"]
+    assert dict(phases)["saved"]["paths"] == result.paths and all(p.is_file() for p in result.paths)
+    model = session._loaded.model
+    stack = session._loaded.transforms
+    assert stack.names == ["int8", "prompt_cache", "vae_tiling", "black_image_guard", "offload", "loras"]
+    assert "phase_reporter" not in str(model.hooks.owners())
+    assert type(model).generate is model.generate.__func__ and type(model).encode_prompt is model.encode_prompt.__func__
+    assert "generate" not in vars(model) and "release" not in vars(model)

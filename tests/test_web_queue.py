@@ -26,13 +26,13 @@ class SlowSession(Session):
         super().__init__(config)
         self.steps = threading.Semaphore(0)
 
-    def run(self, task: Any, on_step: Any = None) -> Any:
+    def run(self, task: Any, on_step: Any = None, **kwargs: Any) -> Any:
         def slow(event: Any) -> None:
             self.steps.acquire(timeout=10)
             if on_step is not None:
                 on_step(event)
 
-        return super().run(task, slow)
+        return super().run(task, slow, **kwargs)
 
 
 def _submit(worker: GenerationWorker, session: Session, **settings: Any) -> Any:
