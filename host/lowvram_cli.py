@@ -17,8 +17,7 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def add_arguments(run: argparse._ArgumentGroup) -> None:
-    """--profile, --save-quantized, --plan, --vram-gb (--quantization and --attention exist already)."""
-    run.add_argument("--profile", help="offload profile on CUDA: 1-5 (mmgp; 4 = low RAM / low VRAM, default) or auto")
+    """--save-quantized, --plan, --vram-gb (--profile, --quantization and --attention are settings' flags)."""
     run.add_argument("--save-quantized", type=Path, metavar="PATH", help="with --model: write its transformer in int8")
     run.add_argument("--plan", action="store_true", help="with --model: print expected peak VRAM/RAM per profile")
     run.add_argument("--vram-gb", type=float, help="GPU memory for --plan (default: the detected GPU)")
@@ -34,12 +33,13 @@ def plan_command(session: Session, args: argparse.Namespace) -> int:
     if sizes is None:
         print(f"error: no size table for architecture {preset.architecture!r}", file=sys.stderr)
         return EXIT_FAILED
-    resolution = args.resolution or str(preset.settings.get("resolution", "1024x1024"))
+    resolution = getattr(args, "resolution", None) or str(preset.settings.get("resolution", "1024x1024"))
     try:
         width, height = (int(v) for v in resolution.lower().split("x"))
     except ValueError:
         raise SettingsError(f"--resolution must be WxH, e.g. 1024x1024, got {resolution!r}") from None
-    cfg = float(preset.settings.get("guidance_scale", 0.0) if args.guidance is None else args.guidance) > 0
+    guidance = getattr(args, "guidance", None)
+    cfg = float(preset.settings.get("guidance_scale", 0.0) if guidance is None else guidance) > 0
     vram = args.vram_gb if args.vram_gb is not None else _detected_vram_gb()
     title = f"{args.model} {width}x{height}, CFG {'on' if cfg else 'off'}, GPU {f'{vram:.1f} GB' if vram else 'none'}"
     print(format_table(plan_table(sizes, width, height, cfg, vram), title))

@@ -210,3 +210,55 @@ def test_api_takes_a_pil_image_or_a_path(tmp_path: Path) -> None:
     path = _picture(tmp_path / "blue.png", (0, 0, 255))
     [image] = model.generate("x", seed=3, toy_image=str(path), toy_mix=1.0, toy_invert=True)
     assert (np.asarray(image) == (255, 255, 0)).all()
+
+
+# -- command-line flags from the schemas ---------------------------------------------------------------
+
+OLD_FLAGS = [  # every one-shot flag the CLI had before the schema, with the setting it sets
+    ("--prompt", "a fox", "prompt", "a fox"),
+    ("--negative-prompt", "blur", "negative_prompt", "blur"),
+    ("--seed", "3", "seed", 3),
+    ("--steps", "5", "num_inference_steps", 5),
+    ("--guidance", "1.5", "guidance_scale", 1.5),
+    ("--flow-shift", "2", "flow_shift", 2.0),
+    ("--resolution", "64x32", "resolution", "64x32"),
+    ("--batch-size", "2", "batch_size", 2),
+    ("--quantization", "bf16", "quantization", "bf16"),
+    ("--attention", "sdpa", "attention", "sdpa"),
+    ("--profile", "4", "profile", "4"),
+    ("--output-format", "webp", "output_format", "webp"),
+]
+
+
+def test_every_existing_flag_still_sets_its_setting(tmp_path: Path) -> None:
+    config = toy_env(tmp_path)
+    argv = [*cli_args(config), "--model", "toy"] + [part for flag, value, _, _ in OLD_FLAGS for part in (flag, value)]
+    session, args = cli.session_from_args(argv)
+    expected = {key: value for _, _, key, value in OLD_FLAGS}
+    assert cli._one_shot_settings(session, args) == expected
+
+
+def test_z_image_flags_include_its_advanced_settings() -> None:
+    parser = cli.build_parser(Session())  # the shipped families
+    args = parser.parse_args(["--model", "z_image", "--cfg-normalization", "1", "--cfg-truncation", "0.5", "--max-tokens", "256"])
+    assert (args.cfg_normalization, args.cfg_truncation, args.max_tokens) == (1.0, 0.5, 256)
+    with pytest.raises(SystemExit):  # refused by argparse as before: exit 2 with "invalid int value: 'inf'"
+        parser.parse_args(["--seed", "inf"])
+
+
+def test_a_family_setting_gets_its_flag_with_no_host_change(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = toy_env(tmp_path)
+    start = _picture(tmp_path / "start.png", (1, 2, 3))
+    with pytest.raises(SystemExit):
+        cli.main([*cli_args(config), "--help"])
+    usage = capsys.readouterr().out
+    assert "--toy-image PATH" in usage and "--toy-mix X" in usage and "--toy-invert, --no-toy-invert" in usage
+    flags = ["--model", "toy", "--prompt", "p", "--toy-image", str(start), "--toy-mix", "1", "--toy-invert"]
+    assert cli.main([*cli_args(config), *flags]) == 0
+    [saved] = config.output_dir.glob("*.png")
+    assert (np.asarray(Image.open(saved)) == (254, 253, 252)).all()  # the picture, inverted
+    embedded = read_settings(saved)
+    assert (embedded["toy_image"], embedded["toy_mix"], embedded["toy_invert"]) == (str(start.resolve()), 1.0, True)
+    assert embedded["generation_info"]["inputs"]["toy_image"]["sha256"] == hashlib.sha256(start.read_bytes()).hexdigest()
+    assert cli.main([*cli_args(config), "--model", "toy", "--prompt", "p", "--toy-mix", "2"]) == 1
+    assert "toy_mix must be between 0 and 1 (got 2)" in capsys.readouterr().err
