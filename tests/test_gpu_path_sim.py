@@ -30,6 +30,7 @@ from host.lowvram import apply_lowvram, load_options
 from host.preview import LatentPreviewer
 from host.quantize import is_quantized, quantize_model
 from models.z_image.facts_z_image import LATENT
+from tests.fixtures.pipelines import flat_pipeline
 
 F32, BF16 = torch.float32, torch.bfloat16
 SETTINGS = {"prompt": "a red fox", "width": 64, "height": 64, "num_inference_steps": 3, "guidance_scale": 0.0, "seed": 5}
@@ -111,17 +112,7 @@ def fake_mmgp(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., FakeMmg
 
 
 def _pipeline(flat: dict[str, Path]) -> Any:
-    from models.z_image.pipeline_z_image import LoadOptions, ZImageComponents, ZImagePipeline
-
-    components = ZImageComponents(
-        transformer=flat["transformer"],
-        text_encoder=flat["text_encoder"],
-        tokenizer=flat["tokenizer"],
-        vae=flat["vae"],
-        text_encoder_config=flat["text_encoder_config"],
-        vae_config=flat["vae_config"],
-    )
-    return ZImagePipeline.from_components(components, LoadOptions(dtype=F32))
+    return flat_pipeline(flat)
 
 
 def _offloaded(flat: dict[str, Path], quantization: str = "bf16", dtype: torch.dtype = F32) -> Any:

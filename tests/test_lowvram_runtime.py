@@ -20,6 +20,7 @@ from host.lowvram import apply_lowvram, load_options
 from host.prompt_cache import PromptCache, attach_prompt_cache, file_identity, shared_cache
 from host.quantize import is_quantized
 from host.vae_tiling import TilingOptions, VaeTilingTransform, tile_starts, tiled_decode
+from tests.fixtures.pipelines import flat_pipeline
 
 F32 = torch.float32
 SETTINGS = {
@@ -33,17 +34,7 @@ SETTINGS = {
 
 
 def _pipeline(flat: dict[str, Path], keep_text_encoder: bool = True, dtype: torch.dtype = F32):
-    from models.z_image.pipeline_z_image import LoadOptions, ZImageComponents, ZImagePipeline
-
-    components = ZImageComponents(
-        transformer=flat["transformer"],
-        text_encoder=flat["text_encoder"],
-        tokenizer=flat["tokenizer"],
-        vae=flat["vae"],
-        text_encoder_config=flat["text_encoder_config"],
-        vae_config=flat["vae_config"],
-    )
-    return ZImagePipeline.from_components(components, LoadOptions(dtype=dtype, keep_text_encoder=keep_text_encoder))
+    return flat_pipeline(flat, keep_text_encoder, dtype)
 
 
 # -- prompt cache ----------------------------------------------------------------------------------

@@ -16,23 +16,14 @@ from safetensors.torch import load_file, save_file
 
 from host.lowvram import apply_lowvram, load_options
 from host.prompt_cache import PromptCache, attach_prompt_cache, file_identity, shared_cache
+from tests.fixtures.pipelines import flat_pipeline
 
 F32 = torch.float32
 LONG_PROMPT = "a photo of a cat sitting on a red chair, studio lighting, high detail, film grain, soft light"
 
 
 def _pipeline(flat: dict[str, Path], text_encoder: Path | None = None):
-    from models.z_image.pipeline_z_image import LoadOptions, ZImageComponents, ZImagePipeline
-
-    components = ZImageComponents(
-        transformer=flat["transformer"],
-        text_encoder=text_encoder or flat["text_encoder"],
-        tokenizer=flat["tokenizer"],
-        vae=flat["vae"],
-        text_encoder_config=flat["text_encoder_config"],
-        vae_config=flat["vae_config"],
-    )
-    return ZImagePipeline.from_components(components, LoadOptions(dtype=F32, keep_text_encoder=True))
+    return flat_pipeline(flat, text_encoder=text_encoder)
 
 
 def _other_weights(source: Path, target: Path, seed: int = 1) -> Path:
