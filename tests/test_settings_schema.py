@@ -18,11 +18,14 @@ from PIL import Image
 import wgp
 from common.errors import SettingsError
 from common.settings_schema import SettingSpec, convert
-from host import cli
+from host import cli, settings_doc
 from host import settings as host_settings
 from host.outputs import read_settings
+from host.registry import DEFAULT_MODELS_ROOT, discover
 from host.session import Session
 from tests.fixtures.host_env import cli_args, toy_env, write_json
+
+REPO = Path(__file__).resolve().parents[1]
 
 SIZE = SettingSpec("r", "size", "16x16", minimum=16, maximum=4096, multiple_of=16)
 
@@ -262,3 +265,27 @@ def test_a_family_setting_gets_its_flag_with_no_host_change(tmp_path: Path, caps
     assert embedded["generation_info"]["inputs"]["toy_image"]["sha256"] == hashlib.sha256(start.read_bytes()).hexdigest()
     assert cli.main([*cli_args(config), "--model", "toy", "--prompt", "p", "--toy-mix", "2"]) == 1
     assert "toy_mix must be between 0 and 1 (got 2)" in capsys.readouterr().err
+
+
+# -- the README's settings tables ------------------------------------------------------------------------
+
+
+def test_readme_settings_tables_are_current() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    tables = settings_doc.settings_tables(discover(DEFAULT_MODELS_ROOT))
+    assert "| `num_inference_steps` | `--steps` | integer | `8` (`z_image`), `30` (`z_image_base`) |" in tables
+    current = settings_doc.replace_between_markers(readme, tables, "README.md")
+    assert current == readme, "the README's settings tables are stale: run `python -m host.settings_doc --write README.md`"
+
+
+def test_docs_tables_list_a_family_setting_the_host_never_heard_of(tmp_path: Path) -> None:
+    config = toy_env(tmp_path)
+    tables = settings_doc.settings_tables(discover(config.models_root))
+    assert "Toy family (`toy`, `toy_plus`):" in tables
+    assert "| `toy_image` | `--toy-image` | image file (path) |  |  | yes | a picture blended into the noise |" in tables
+    assert "| `toy_mix` | `--toy-mix` | number | `0.5` | between 0 and 1 | yes |" in tables
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{settings_doc.START}\nold\n{settings_doc.END}\nrest\n")
+    assert settings_doc.main(["--write", str(readme), "--models-root", str(config.models_root)]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "\nold\n" not in text and "`toy_invert`" in text
