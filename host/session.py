@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.attention import set_attention_backend
+from common.attention import get_attention_backend, set_attention_backend
 from common.errors import SettingsError, UserInputError
 from host import PROGRAM_NAME, __version__, lowvram
 from host import settings as host_settings
@@ -309,6 +309,7 @@ class Session:
         finally:
             self._loaded.transforms.pop(PhaseReporter.name)
         peak_gb, peak_what = peak_memory_gb(self.device.device)
+        backend = get_attention_backend()  # a kernel that failed during the run fell back to sdpa: record that
         info = self.provenance(task, settings, files, backend, output, reports)
         result = TaskResult(task, list(output.images), settings, info, load_s, peak_gb, peak_what)
         result.lora_reports = [r.to_dict() for r in reports]
