@@ -76,11 +76,6 @@ def resolve_backend(name: str, capability: int | None) -> tuple[str, AttentionFn
     return name, kernel
 
 
-def available_backends(capability: int | None) -> list[str]:
-    """The backends that would run here (sdpa always)."""
-    return ["sdpa", *[b for b in AUTO_ORDER if _load_kernel(b, capability)[0] is not None]]
-
-
 def _load_kernel(name: str, capability: int | None) -> tuple[AttentionFn | None, str]:
     """Import the package behind a backend; (kernel, "") or (None, why not)."""
     if capability is None:
