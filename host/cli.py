@@ -16,6 +16,7 @@ from typing import Any
 
 from common.errors import GenerationCancelled, UserInputError
 from host import PROGRAM_NAME, __version__, lora_cli, lowvram_cli, settings_cli
+from host.batch import cli as batch_cli
 from host.progress import ProgressBar, timing_line
 from host.session import Destination, HostConfig, Phase, Session
 from host.tasks import PreparedTask, RawTask, prepare_tasks, read_task_files
@@ -32,7 +33,7 @@ def build_parser(session: Session | None = None) -> argparse.ArgumentParser:
         prog="wgp.py", description=f"{PROGRAM_NAME} {__version__}: local image generation", add_help=session is not None
     )
     act = p.add_argument_group("what to do (default: the web UI)")
-    act.add_argument("--process", nargs="+", type=Path, metavar="FILE", help="run task files (JSON or saved images)")
+    act.add_argument("--process", nargs="+", type=Path, metavar="FILE", help="run task files (JSON or saved images); --batch for CSV/JSONL")
     act.add_argument("--model", help="one-shot: model type (preset id), with --prompt")
     act.add_argument("--selftest", action="store_true", help="generate with the tiny self-test model (no download)")
     act.add_argument("--list-models", action="store_true", help="list the model types and exit")
@@ -55,6 +56,7 @@ def build_parser(session: Session | None = None) -> argparse.ArgumentParser:
     run.add_argument("--offline", action="store_true", help="never download; report missing files")
     run.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     run.add_argument("-v", "--verbose", action="store_true")
+    batch_cli.add_arguments(p)
     web = p.add_argument_group("web UI")
     web.add_argument("--server-port", type=int, default=7860)
     web.add_argument("--listen", action="store_true", help="serve on all interfaces (not only 127.0.0.1)")
@@ -118,6 +120,8 @@ def _dispatch(session: Session, args: argparse.Namespace) -> int:
             return EXIT_FAILED
         raw = [RawTask({"model_type": p.model_type, **_one_shot_settings(session, args)}, f"selftest {p.model_type}") for p in presets]
         return run_tasks(session, raw, args.output_dir)
+    if args.batch:
+        return batch_cli.batch_command(session, args, _one_shot_settings(session, args))
     if args.process:
         tasks, unreadable = read_task_files(args.process)
         return run_tasks(session, tasks, args.output_dir, failed=unreadable)

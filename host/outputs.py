@@ -7,6 +7,7 @@ prompt, seed, steps and model. The JSON is a valid task: `--process image.png` r
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import zlib
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image, PngImagePlugin
 
@@ -159,7 +160,15 @@ def save_image(image: Image.Image, folder: Path, name: str, settings: Mapping[st
         tmp.unlink(missing_ok=True)
 
 
-def _write(image: Image.Image, path: Path, settings: Mapping[str, Any], info: Mapping[str, Any], fmt: str) -> None:
+def encode_image(image: Image.Image, settings: Mapping[str, Any], info: Mapping[str, Any], fmt: str = "png") -> bytes:
+    """The bytes `save_image` would write (pixels and the embedded settings), for callers that place the file
+    themselves (a batch driver writing what its workers encoded)."""
+    buffer = io.BytesIO()
+    _write(image, buffer, settings, info, fmt)
+    return buffer.getvalue()
+
+
+def _write(image: Image.Image, path: Path | BinaryIO, settings: Mapping[str, Any], info: Mapping[str, Any], fmt: str) -> None:
     text, params = embedded_json(settings, info), parameters_text(settings, info)
     if fmt == "png":
         meta = PngImagePlugin.PngInfo()
