@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from common.errors import SettingsError
-from host.planner import KNOWN_SIZES, format_table, plan_table
+from host.planner import format_table, plan_table, sizes_from_facts
 from host.session import Session
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -29,9 +29,9 @@ def plan_command(session: Session, args: argparse.Namespace) -> int:
         print("error: --plan needs --model (see --list-models)", file=sys.stderr)
         return EXIT_FAILED
     preset = session.catalog.get(args.model)
-    sizes = KNOWN_SIZES.get(preset.architecture)
+    sizes = sizes_from_facts(preset.facts)
     if sizes is None:
-        print(f"error: no size table for architecture {preset.architecture!r}", file=sys.stderr)
+        print(f"error: the {preset.architecture!r} family gives no sizes to plan with (query_model_facts)", file=sys.stderr)
         return EXIT_FAILED
     resolution = getattr(args, "resolution", None) or str(preset.settings.get("resolution", "1024x1024"))
     try:

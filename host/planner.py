@@ -1,9 +1,11 @@
 """Memory planner: expected peak VRAM and RAM per offload profile and quantization, before downloading.
 
 Estimates from the real component sizes and the activation sizes at a resolution; formulas, not
-measurements (the CPU parts are checked against measured peak RSS by bench/bench_lowvram.py).
+measurements (the CPU parts are checked against measured peak RSS by bench/bench_lowvram.py). The sizes
+come from the family (`ModelFacts`, its handler's `query_model_facts`): `sizes_from_facts`.
 
-- weights: bf16 = 2 bytes/param; int8 = 1 byte for the `layers.N` Linear weights + 2 for the rest.
+- weights: bf16 = 2 bytes/param; int8 = 1 byte for the Linear weights the family's int8 pattern selects
+  + 2 for the rest.
 - VRAM in a phase = the weights on the GPU + that phase's activations; phases run one after the other
   (text encoder -> transformer -> VAE), so the peak is the largest phase. Weights on the GPU: the whole
   part for profiles 1 and 3; for 2, 4 and 5 mmgp streams blocks within a budget (1200 MB transformer in
@@ -15,12 +17,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.model_facts import DECODER, DENOISER, TEXT_ENCODER, ComponentFacts, ModelFacts
+
 GB = 1e9
 
 
 @dataclass(frozen=True)
 class PartSize:
-    """A model part: all parameters and those in `layers.N` Linear weights (int8 in the int8 files)."""
+    """A model part: all parameters and those in the Linear weights that int8 files hold in int8."""
 
     params: int
     quantizable: int
@@ -33,7 +37,7 @@ class PartSize:
 
 @dataclass(frozen=True)
 class ModelSizes:
-    """Sizes of one architecture (dims give the activation sizes)."""
+    """Sizes of one architecture (dims give the activation sizes); the transformer is the denoiser."""
 
     transformer: PartSize
     text_encoder: PartSize
@@ -41,30 +45,42 @@ class ModelSizes:
     dim: int  # transformer width
     ffn_hidden: int
     text_hidden: int
-    patch: int = 2
-    vae_scale: int = 8
+    patch: int  # latent pixels per transformer token side
+    vae_scale: int  # image pixels per latent pixel side
+    token_multiple: int = 1  # text tokens are padded up to a multiple of this
+    vae_bytes_per_pixel: float = 0.0  # decode activations per output pixel in fp32 (0: unknown)
 
 
-# Z-Image (REFERENCE.md section 1): 30 blocks x (4*3840^2 attention + 3*3840*10240 FFN + 256*4*3840
-# modulation) = 5,426,380,800 int8 params; Qwen3-4B: 36 layers x 100,925,440 Linear params.
-Z_IMAGE = ModelSizes(
-    transformer=PartSize(6_154_908_736, 5_426_380_800),
-    text_encoder=PartSize(4_022_468_096, 3_633_315_840),
-    vae_params=83_819_683,
-    dim=3840,
-    ffn_hidden=10240,
-    text_hidden=2560,
-)
-KNOWN_SIZES = {"z_image": Z_IMAGE, "z_image_base": Z_IMAGE}
+def sizes_from_facts(facts: ModelFacts) -> ModelSizes | None:
+    """The planner's sizes from a family's facts; None when they lack what a plan needs (the denoiser's
+    parameter count and widths, the latent format)."""
+    denoiser = facts.with_role(DENOISER)
+    if denoiser is None or facts.latent is None or not (denoiser.params and denoiser.hidden and denoiser.ffn_hidden):
+        return None
+    text = facts.with_role(TEXT_ENCODER) or ComponentFacts("none", TEXT_ENCODER)
+    decoder = facts.with_role(DECODER)
+    return ModelSizes(
+        transformer=PartSize(denoiser.params, denoiser.int8_params),
+        text_encoder=PartSize(text.params, text.int8_params),
+        vae_params=decoder.params if decoder is not None else 0,
+        dim=denoiser.hidden,
+        ffn_hidden=denoiser.ffn_hidden,
+        text_hidden=text.hidden,
+        patch=facts.patch,
+        vae_scale=facts.latent.pixels_per_latent,
+        token_multiple=facts.text_token_multiple,
+        vae_bytes_per_pixel=facts.decode_bytes_per_pixel,
+    )
+
 
 RUNTIME_GB = 2.0  # python + torch + CUDA libraries resident in RAM
 CUDA_CONTEXT_GB = 0.6  # the CUDA context and cuBLAS workspaces (outside torch's allocator)
 # Transformer activations per token (inference): the residual stream, fp32 norm/RoPE copies, q/k/v and
 # the SwiGLU hidden (w1, w3, product) live together in a block: ~ (10*dim + 3*hidden) elements.
 ACT_DIM_FACTOR, ACT_HIDDEN_FACTOR = 10, 3
-# VAE decode activations per output pixel (fp32): measured 4.0-4.2 kB/pixel for the Flux VAE at 512x512
-# (bench/bench_lowvram.py --vae: 1.06-1.10 GB), i.e. ~4.4 GB at 1024x1024 untiled.
-VAE_BYTES_PER_PIXEL_FP32 = 4200
+# The VAE decodes in tiles of TILE_LATENT latent pixels above TILED_ABOVE_LATENT per side (the defaults
+# of host/vae_tiling.py).
+TILED_ABOVE_LATENT, TILE_LATENT = 128, 64
 STREAM_BUDGET_MB = {2: (1200, 3000), 4: (1200, 3000), 5: (400, 3000)}  # (transformer, other parts)
 PROFILES = (1, 2, 3, 4, 5)
 
@@ -83,14 +99,16 @@ def transformer_activation_bytes(
 ) -> float:
     """Peak activations of one transformer forward: tokens x (10 dim + 3 hidden) elements."""
     step = sizes.vae_scale * sizes.patch
-    tokens = (width // step) * (height // step) + -(-caption // 32) * 32
+    tokens = (width // step) * (height // step) + -(-caption // sizes.token_multiple) * sizes.token_multiple
     return batch * tokens * (ACT_DIM_FACTOR * sizes.dim + ACT_HIDDEN_FACTOR * sizes.ffn_hidden) * elem
 
 
-def vae_decode_bytes(width: int, height: int, elem: int = 4, tiled_pixels: int | None = None) -> float:
-    """Decode activations; with tiling, those of one tile (tiled_pixels) instead of the whole image."""
-    pixels = min(width * height, tiled_pixels) if tiled_pixels else width * height
-    return pixels * VAE_BYTES_PER_PIXEL_FP32 * elem / 4
+def vae_decode_bytes(sizes: ModelSizes, width: int, height: int, elem: int = 4) -> float:
+    """Decode activations; above the tiling threshold, those of one tile instead of the whole image."""
+    pixels = width * height
+    if max(width, height) > TILED_ABOVE_LATENT * sizes.vae_scale:
+        pixels = min(pixels, (TILE_LATENT * sizes.vae_scale) ** 2)
+    return pixels * sizes.vae_bytes_per_pixel * elem / 4
 
 
 def plan(
@@ -111,7 +129,7 @@ def plan(
     elem = 4 if quantization == "fp32" else 2
     t_act = transformer_activation_bytes(sizes, width, height, batch * (2 if cfg else 1), caption, elem)
     te_act = caption * sizes.text_hidden * 16 * elem  # a few hidden-size buffers per token
-    vae_act = vae_decode_bytes(width, height, tiled_pixels=512 * 512 if max(width, height) > 1024 else None)
+    vae_act = vae_decode_bytes(sizes, width, height)
     if profile in (1, 3):
         on_gpu = {"te": te_w, "t": t_w}
     else:

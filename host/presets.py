@@ -17,8 +17,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from common.errors import UserInputError
+from common.model_facts import ModelFacts
 from host import settings as host_settings
-from host.registry import REPO_ROOT, Registry
+from host.registry import REPO_ROOT, Registry, query_facts
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class Preset:
     model_def: dict[str, Any]
     settings: dict[str, Any]
     sources: tuple[Path, ...]
+    facts: ModelFacts  # the family's answer to query_model_facts: sizes, int8 layers, latent format
 
     @property
     def name(self) -> str:
@@ -181,7 +183,7 @@ def build_preset(
         raise PresetError(f"{where}: 'model_type' is the file name ({model_type}), remove it from the preset")
     merged = {**host_settings.family_defaults(handler, arch, model_def), **settings}
     host_settings.validate(handler, arch, model_def, merged, where)
-    return Preset(model_type, model_def, settings, sources)
+    return Preset(model_type, model_def, settings, sources, query_facts(handler, arch, model_def, where))
 
 
 def _check_model_block(block: Mapping[str, Any], family_keys: set[str], where: str) -> None:
@@ -206,7 +208,7 @@ def _check_selftest_paths(model_def: Mapping[str, Any], where: str) -> None:
             if "://" in entry or parts.is_absolute() or Path(entry).is_absolute() or ".." in parts.parts or len(parts.parts) < 2:
                 raise PresetError(
                     f"{where}: model.{key} entry {entry!r} of a self-test preset must be a file in a sub-folder of the "
-                    'checkpoints folder (e.g. "z_image_selftest/..."): the program writes those files itself'
+                    'checkpoints folder (e.g. "my_selftest/model.safetensors"): the program writes those files itself'
                 )
 
 

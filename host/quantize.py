@@ -35,9 +35,8 @@ log = logging.getLogger(__name__)
 
 QMAP_KEY = "quantization_map_base64"
 QUANTO_ENTRY = {"weights": "qint8", "activations": "none"}
-# The repeated blocks (`layers.N.`) of both the transformer and the Qwen3 text encoder: the bulk of the
-# parameters. Embedders, refiners, the final layer and norms stay in full precision (they are small and
-# sensitive: the embedders see raw inputs, the final layer writes the prediction).
+# Which Linears quantize is the family's fact (`ModelFacts.quantize_pattern(component)`); this fallback,
+# the repeated `layers.N.` blocks, only serves callers that pass no pattern yet.
 DEFAULT_PATTERN = re.compile(r"^layers\.\d+\.")
 KNOWN_PREFIXES = ("model.",)  # Qwen3ForCausalLM files wrap the Qwen3Model keys
 IGNORED_PREFIXES = ("lm_head.",)  # the pipeline only needs hidden states
@@ -55,18 +54,21 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def quantize_model(
-    model: nn.Module, include: Callable[[str], bool] | None = None, dtype: torch.dtype | None = None
+    model: nn.Module,
+    include: Callable[[str], bool] | re.Pattern[str] | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> list[str]:
     """Replace the selected full-precision Linears by int8 `QLinear`s (per-row absmax scales), in place.
 
-    include(name) picks modules (default: those under `layers.N.`). dtype: the compute dtype; each Linear is
+    include picks modules by name: a predicate, or a regex matched at the start of the name (the family's
+    `ModelFacts.quantize_pattern(component)`); default DEFAULT_PATTERN. dtype: the compute dtype; each Linear is
     cast to it before quantizing, so the scales (which set the dtype a qint8 layer computes in) match the
     rest of the model (None keeps the Linear's dtype). One layer at a time, so the peak is the model plus
     one layer. Returns the quantized module names.
     """
     from optimum.quanto import QLinear, QModuleMixin, qint8
 
-    include = include or (lambda name: bool(DEFAULT_PATTERN.match(name)))
+    include = _name_filter(include)
     names = [
         n for n, m in model.named_modules() if type(m) is nn.Linear and include(n) and not isinstance(m, QModuleMixin)
     ]
@@ -80,6 +82,14 @@ def quantize_model(
         _set_submodule(model, name, qlinear)
     log.info("quantized %d Linear layers to int8 on the fly", len(names))
     return names
+
+
+def _name_filter(include: Callable[[str], bool] | re.Pattern[str] | str | None) -> Callable[[str], bool]:
+    """A module-name predicate from a predicate, a regex (compiled or not) or None (DEFAULT_PATTERN)."""
+    if callable(include):
+        return include
+    pattern = DEFAULT_PATTERN if include is None else re.compile(include)
+    return lambda name: pattern.match(name) is not None
 
 
 # -- the dtype int8 layers compute in --------------------------------------------------------------

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from common.errors import UserInputError
+from common.model_facts import ModelFacts
 from common.model_hooks import ModelHooks
 from common.settings_schema import SettingSpec
 
@@ -80,6 +81,11 @@ class FamilyHandler(Protocol):
 
     def query_model_def(self, model_type: str, model_block: Mapping[str, Any]) -> dict[str, Any]: ...
 
+    def query_model_facts(self, model_type: str, model_def: Mapping[str, Any]) -> ModelFacts:
+        """Components, sizes, int8 layers and latent format (common/model_facts.py): what the planner,
+        the preview, int8 and offload know about the model; the host keeps no model's numbers."""
+        ...
+
     def query_settings_schema(self, model_type: str) -> list[SettingSpec]:
         """Every setting the family accepts for `model_type` (common/settings_schema.py), with its defaults:
         the host builds validation, CLI flags, the web form, the docs table and saved settings from it."""
@@ -139,6 +145,17 @@ class Registry:
     def base_type(self, architecture: str) -> str:
         """The architecture this one is equivalent to (itself when none)."""
         return self.equivalences.get(architecture, architecture)
+
+
+def query_facts(handler: FamilyHandler, model_type: str, model_def: Mapping[str, Any], where: str) -> ModelFacts:
+    """The family's `ModelFacts` for `model_type`; anything else is a broken family, named by `where`."""
+    facts = handler.query_model_facts(model_type, model_def)
+    if not isinstance(facts, ModelFacts):
+        raise RegistryError(
+            f"{where}: the {type(handler).__name__} family answered query_model_facts({model_type!r}) with "
+            f"{type(facts).__name__}; it must return common.model_facts.ModelFacts"
+        )
+    return facts
 
 
 def discover(models_root: Path = DEFAULT_MODELS_ROOT) -> Registry:

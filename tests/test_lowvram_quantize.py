@@ -59,8 +59,10 @@ def _write_int8(tmp_path: Path, flat_transformer: Path, name: str = "ZImageTurbo
 
 
 def test_on_the_fly_quantizes_only_the_repeated_blocks(tiny_flat_layout: dict[str, Path]) -> None:
+    from models.z_image.z_image_handler import family_handler
+
     model = loading.load_transformer(tiny_flat_layout["transformer"], None, F32)
-    names = quantize_model(model)
+    names = quantize_model(model, include=family_handler.query_model_facts("z_image", {}).quantize_pattern("transformer"))
     assert names and all(n.startswith("layers.") for n in names)
     per_layer = 4 + 3 + 1  # q k v out, w1 w2 w3, adaLN
     assert len(names) == TINY_CONFIG.n_layers * per_layer
@@ -69,6 +71,16 @@ def test_on_the_fly_quantizes_only_the_repeated_blocks(tiny_flat_layout: dict[st
     for kept in ("noise_refiner.0.attention.to_q", "context_refiner.0.feed_forward.w1", "cap_embedder.1"):
         assert type(model.get_submodule(kept)) is torch.nn.Linear  # full precision
     assert model.get_submodule("layers.0.attention.to_q").weight._data.dtype == torch.int8
+
+
+def test_on_the_fly_quantizes_what_the_pattern_names(tiny_flat_layout: dict[str, Path]) -> None:
+    """The pattern (a family's `ModelFacts.quantize_pattern`) decides: here only the refiners' Linears."""
+    model = loading.load_transformer(tiny_flat_layout["transformer"], None, F32)
+    refiners = ("noise_refiner.", "context_refiner.")
+    expected = {n for n, m in model.named_modules() if type(m) is torch.nn.Linear and n.startswith(refiners)}
+    names = quantize_model(model, include=r"^(noise|context)_refiner\.")
+    assert expected and set(names) == expected
+    assert type(model.get_submodule("layers.0.attention.to_q")) is torch.nn.Linear  # not named: full precision
 
 
 def test_int8_quality_close_to_fp32(fp32_transformer: torch.nn.Module, tiny_flat_layout: dict[str, Path]) -> None:

@@ -12,6 +12,7 @@ from diffusers import ZImageTransformer2DModel
 from host import planner
 from models.z_image.loading_z_image import CONFIG_DIR
 from models.z_image.transformer_z_image import ZImageConfig, ZImageTransformer
+from models.z_image.z_image_handler import family_handler
 
 TINY = dict(dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=(8, 12, 12))
 
@@ -73,7 +74,8 @@ def test_real_config_defaults() -> None:
         assert ours == theirs, name
     n_params = sum(math.prod(shape) for shape in theirs.values())
     assert sum(math.prod(shape) for shape in ours.values()) == n_params
-    assert planner.Z_IMAGE.transformer.params == n_params  # the memory planner's size of the real model
+    sizes = planner.sizes_from_facts(family_handler.query_model_facts("z_image", {}))
+    assert sizes is not None and sizes.transformer.params == n_params  # the planner's size of the real model
 
 
 @pytest.mark.isolated  # bf16 matmuls on the CPU: native kernels that may crash some CPUs

@@ -10,9 +10,10 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from common.errors import SettingsError
+from common.model_facts import LatentFormat
 from common.sampling import get_sigmas
 from host.outputs import save_image
-from host.preview import FLUX_LATENT_RGB_BIAS, LatentPreviewer, latents_to_rgb, preview_interval
+from host.preview import LatentPreviewer, latents_to_rgb, preview_interval
 from host.session import Session
 from host.web_form import (
     CUSTOM,
@@ -257,10 +258,18 @@ def test_memory_plan_and_out_of_memory_advice_for_the_shipped_presets() -> None:
 # -- preview --------------------------------------------------------------------------------------
 
 
+def _z_image_latent() -> LatentFormat:  # the Z-Image family's latent format, as its handler answers it
+    from models.z_image.z_image_handler import family_handler
+
+    return family_handler.query_model_facts("z_image", {}).latent
+
+
 def test_latents_to_rgb_uses_the_fixed_flux_map() -> None:
-    image = latents_to_rgb(torch.zeros(2, 16, 8, 6))
+    fmt = _z_image_latent()
+    image = latents_to_rgb(torch.zeros(2, 16, 8, 6), fmt)
     assert image is not None and image.size == (48, 64)  # 8x the latent size
-    expected = tuple(round((b + 1) * 127.5) for b in FLUX_LATENT_RGB_BIAS)  # zero latents -> the bias colour
+    expected = tuple(round((b + 1) * 127.5) for b in fmt.rgb_bias)  # zero latents -> the bias colour
+    assert expected == (123, 118, 117)  # the published bias (-0.0329, -0.0718, -0.0851)
     assert image.getpixel((10, 10)) == expected
     # Non-zero latents, one latent pixel at a time (a 512-tall latent is shown at scale 1: no resampling).
     # Channel 4 = 1 and channel 12 = -0.5 at (x 1, y 0): rgb = bias + row 4 - 0.5 * row 12 of the Flux map =
@@ -269,12 +278,13 @@ def test_latents_to_rgb_uses_the_fixed_flux_map() -> None:
     latents = torch.zeros(1, 16, 512, 4)
     latents[0, 4, 0, 1], latents[0, 12, 0, 1] = 1.0, -0.5
     latents[0, 13, 3, 2] = -40.0  # row 13 = (-0.1264, -0.0522, -0.1103): (5.06, 2.09, 4.41) + bias, all > 1
-    shown = latents_to_rgb(latents)
+    shown = latents_to_rgb(latents, fmt)
     assert shown is not None and shown.size == (4, 512)
     assert shown.getpixel((1, 0)) == (129, 123, 116) and shown.getpixel((0, 0)) == expected
     assert shown.getpixel((2, 3)) == (255, 255, 255)  # clamped to 1 before the conversion to 8 bits
-    assert latents_to_rgb(torch.zeros(1, 4, 8, 8)) is None  # no map known for 4 channels
-    big = latents_to_rgb(torch.randn(1, 16, 256, 128))
+    assert latents_to_rgb(torch.zeros(1, 4, 8, 8), fmt) is None  # no map known for 4 channels
+    assert latents_to_rgb(torch.zeros(1, 16, 8, 8), None) is None  # a family without a latent format
+    big = latents_to_rgb(torch.randn(1, 16, 256, 128), fmt)
     assert big is not None and max(big.size) == 512
 
 
@@ -282,11 +292,12 @@ def test_previewer_recovers_the_clean_image_estimate_from_two_steps() -> None:
     sigmas = get_sigmas(4, 3.0).tolist()
     x0, noise = torch.randn(1, 16, 4, 4), torch.randn(1, 16, 4, 4)
     at = [(1 - s) * x0 + s * noise for s in sigmas]  # straight flow path: constant velocity noise - x0
-    previewer = LatentPreviewer(sigmas)
+    fmt = _z_image_latent()
+    previewer = LatentPreviewer(sigmas, fmt)
     previewer.observe(1, at[1])
     estimate = previewer.image(2, at[2])
-    assert estimate is not None and estimate.tobytes() == latents_to_rgb(x0).tobytes()
-    assert LatentPreviewer(None).image(1, at[1]).tobytes() == latents_to_rgb(at[1]).tobytes()
+    assert estimate is not None and estimate.tobytes() == latents_to_rgb(x0, fmt).tobytes()
+    assert LatentPreviewer(None, fmt).image(1, at[1]).tobytes() == latents_to_rgb(at[1], fmt).tobytes()
     assert preview_interval(8) == 1 and preview_interval(30) == 3 and preview_interval(1000) == 100
 
 

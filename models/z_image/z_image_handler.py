@@ -13,7 +13,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from common.errors import CheckpointError
+from common.model_facts import ModelFacts
 from common.settings_schema import SettingSpec, with_defaults
+from models.z_image.facts_z_image import FACTS
 from models.z_image.settings_z_image import SETTINGS, GenerationSettings
 
 FAMILY = "z_image"
@@ -64,6 +66,11 @@ class ZImageHandler:
     def query_model_def(self, model_type: str, model_block: Mapping[str, Any]) -> dict[str, Any]:
         """No extra model-definition fields: everything Z-Image needs is in the host's schema."""
         return {}
+
+    def query_model_facts(self, model_type: str, model_def: Mapping[str, Any]) -> ModelFacts:
+        """Sizes, int8 layers, latent format and components (models/z_image/facts_z_image.py); one set
+        for Turbo and Base, which share the network."""
+        return FACTS
 
     def query_settings_schema(self, model_type: str) -> list[SettingSpec]:
         """Every setting Z-Image accepts (models/z_image/settings_z_image.py SETTINGS) with `model_type`'s own

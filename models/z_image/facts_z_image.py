@@ -1,0 +1,62 @@
+"""Z-Image's model facts for the host (common/model_facts.py): sizes, int8 layers, latent format.
+
+Numbers of the released model (REFERENCE.md section 1); Turbo and Base share the architecture, so one
+set serves every Z-Image preset. The self-test preset's tiny weights are not described: its facts are
+the architecture's (the host shows no memory plan for self-test presets).
+"""
+
+from __future__ import annotations
+
+from common.model_facts import DECODER, DENOISER, TEXT_ENCODER, ComponentFacts, LatentFormat, ModelFacts
+
+# The repeated blocks (`layers.N.`) of both the transformer and the Qwen3 text encoder: the bulk of the
+# parameters. Embedders, refiners, the final layer and norms stay in full precision (they are small and
+# sensitive: the embedders see raw inputs, the final layer writes the prediction).
+REPEATED_BLOCKS = r"^layers\.\d+\."
+
+# Rows: the 16 latent channels; columns: R, G, B. These are the published Flux.1 latent-to-RGB factors
+# and bias (ComfyUI comfy/latent_formats.py, class Flux, latent_rgb_factors / latent_rgb_factors_bias;
+# the same numbers are used by stable-diffusion.cpp and other previewers). They were fitted by least
+# squares between real Flux VAE latents (sampler space) and their decoded images; Z-Image uses the same
+# VAE (16 channels, scaling 0.3611, shift 0.1159), so they hold unchanged. The result is in [-1, 1].
+FLUX_VAE_LATENT_RGB = (
+    (-0.0346, 0.0244, 0.0681),
+    (0.0034, 0.0210, 0.0687),
+    (0.0275, -0.0668, -0.0433),
+    (-0.0174, 0.0160, 0.0617),
+    (0.0859, 0.0721, 0.0329),
+    (0.0004, 0.0383, 0.0115),
+    (0.0405, 0.0861, 0.0915),
+    (-0.0236, -0.0185, -0.0259),
+    (-0.0245, 0.0250, 0.1180),
+    (0.1008, 0.0755, -0.0421),
+    (-0.0515, 0.0201, 0.0011),
+    (0.0428, -0.0012, -0.0036),
+    (0.0817, 0.0765, 0.0749),
+    (-0.1264, -0.0522, -0.1103),
+    (-0.0280, -0.0881, -0.0499),
+    (-0.1262, -0.0982, -0.0778),
+)
+FLUX_VAE_LATENT_RGB_BIAS = (-0.0329, -0.0718, -0.0851)
+LATENT = LatentFormat(
+    channels=16, pixels_per_latent=8, rgb_factors=FLUX_VAE_LATENT_RGB, rgb_bias=FLUX_VAE_LATENT_RGB_BIAS
+)
+
+# Transformer: 30 blocks x (4*3840^2 attention + 3*3840*10240 FFN + 256*4*3840 modulation) =
+# 5,426,380,800 int8 params. Qwen3-4B: 36 layers x 100,925,440 Linear params.
+FACTS = ModelFacts(
+    components=(
+        ComponentFacts("text_encoder", TEXT_ENCODER, 4_022_468_096, 3_633_315_840, REPEATED_BLOCKS, hidden=2560),
+        ComponentFacts(
+            "transformer", DENOISER, 6_154_908_736, 5_426_380_800, REPEATED_BLOCKS, hidden=3840, ffn_hidden=10240
+        ),
+        ComponentFacts("vae", DECODER, 83_819_683),
+    ),
+    latent=LATENT,
+    patch=2,
+    text_token_multiple=32,  # the transformer pads caption tokens to a multiple of 32 (SEQ_MULTIPLE)
+    # Decode activations per output pixel in fp32: measured 4.0-4.2 kB/pixel at 512x512
+    # (bench/bench_lowvram.py --vae: 1.06-1.10 GB), i.e. ~4.4 GB at 1024x1024 untiled.
+    decode_bytes_per_pixel=4200,
+)
+
