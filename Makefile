@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements.stamp
+RAY_STAMP := $(VENV)/.requirements-ray.stamp
 TORCH_VERSION := $(shell sed -n 's/^torch==//p' requirements.txt)
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 ARGS ?=
@@ -15,7 +16,7 @@ ARGS ?=
 run: $(STAMP)  ## web UI on http://127.0.0.1:7860 (the first generation downloads the weights)
 	$(PY) wgp.py $(ARGS)
 
-test: $(STAMP) browser-deps  ## ruff + the test suite (CPU; the tests download nothing, setup may install requirements and chromium)
+test: $(STAMP) $(RAY_STAMP) browser-deps  ## ruff + the test suite (CPU; the tests download nothing, setup may install requirements, Ray and chromium)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
@@ -38,6 +39,11 @@ $(STAMP): requirements.txt | $(PY)
 	fi
 	$(PY) -m pip install --quiet -r requirements.txt
 	@touch $(STAMP)
+
+# Ray is optional (batch jobs with --ray); the tests use it, `make run` does not install it.
+$(RAY_STAMP): requirements-ray.txt | $(STAMP)
+	$(PY) -m pip install --quiet -r requirements-ray.txt
+	@touch $(RAY_STAMP)
 
 # ---- HOOK for the web UI's browser tests (issue 6) ---------------------------------------------
 # Playwright drives Debian's Chromium. This installs it when browser tests exist and it is missing
