@@ -53,6 +53,7 @@ def write_model(folder: Path, config: dict) -> dict[str, Path]:
     from safetensors.torch import save_file
 
     from host.quantize import quantize_model, save_quantized
+    from models.z_image.facts_z_image import FACTS
     from models.z_image.tiny_z_image import _randomise
     from models.z_image.transformer_z_image import ZImageConfig, ZImageTransformer
 
@@ -62,7 +63,7 @@ def write_model(folder: Path, config: dict) -> dict[str, Path]:
     paths = {"fp32": folder / "model_fp32.safetensors"}
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, paths["fp32"])
     (folder / "config.json").write_text(json.dumps(ZImageConfig(**config).to_dict()))
-    quantize_model(model)
+    quantize_model(model, include=FACTS.quantize_pattern("transformer"))
     paths["int8"] = save_quantized(model, folder / "model_int8.safetensors", dtype=None)
     paths["int8_bf16"] = save_quantized(model, folder / "model_quanto_bf16_int8.safetensors", dtype=torch.bfloat16)
     return paths
@@ -98,12 +99,13 @@ def case_forward(path: str, quantization: str, size: int) -> dict:
 
     from host.quantize import load_quanto, quantize_model
     from models.z_image import loading_z_image as loading
+    from models.z_image.facts_z_image import FACTS
 
     loading.register_quantized_loader(load_quanto)
     base = rss_gb()
     model = loading.load_transformer(Path(path), None, torch.float32)
     if quantization == "int8":
-        quantize_model(model)
+        quantize_model(model, include=FACTS.quantize_pattern("transformer"))
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 16, size // 8, size // 8, generator=g)
     caption = [torch.randn(32, model.config.cap_feat_dim, generator=g)]
@@ -190,7 +192,7 @@ def bench_forward(folder: Path) -> list[str]:
               for case in ("int8", "int8-file")}  # fmt: skip
     model = loading.load_transformer(mid["fp32"], None, torch.float32)
     total = sum(p.numel() for p in model.parameters())
-    quantize_model(model)
+    quantize_model(model, include=FACTS.quantize_pattern("transformer"))
     full = sum(p.numel() for p in model.parameters() if p.dtype.is_floating_point and type(p) is torch.nn.Parameter)
     # The released model's patch, VAE scale and caption padding (Z-Image's facts); the widths are MID's.
     sizes = ModelSizes(

@@ -104,6 +104,7 @@ def build(workdir: Path, tiny: bool) -> dict[str, Path]:
 
     from host.quantize import quantize_model, save_quantized
     from models.z_image import tiny_z_image as tiny
+    from models.z_image.facts_z_image import FACTS
     from models.z_image.transformer_z_image import ZImageConfig, ZImageTransformer
 
     ckpts = workdir / "ckpts"
@@ -118,14 +119,14 @@ def build(workdir: Path, tiny: bool) -> dict[str, Path]:
 
     start = time.perf_counter()
     transformer = randomise_(_empty(lambda: ZImageTransformer(config), bf16))
-    quantize_model(transformer, dtype=bf16)
+    quantize_model(transformer, include=FACTS.quantize_pattern("transformer"), dtype=bf16)
     paths["transformer"] = save_quantized(transformer, ckpts / TRANSFORMER_FILE, dtype=bf16)
     del transformer
     log(f"transformer: {time.perf_counter() - start:.1f} s")
 
     start = time.perf_counter()
     text_encoder = randomise_(_empty(lambda: Qwen3Model(Qwen3Config(**text_config)), bf16))
-    quantize_model(text_encoder, dtype=bf16)
+    quantize_model(text_encoder, include=FACTS.quantize_pattern("text_encoder"), dtype=bf16)
     paths["text_encoder"] = save_quantized(text_encoder, ckpts / TEXT_ENCODER_FILE, dtype=bf16, prefix="model.")
     del text_encoder
     (ckpts / "Qwen3" / "config.json").write_text(json.dumps({**text_config, "architectures": ["Qwen3ForCausalLM"]}))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.model_facts import DENOISER, ModelFacts
 from host import offload as offload_mod
 from host.guards import BlackImageGuard, compute_dtype
 from host.prompt_cache import PromptCacheTransform, file_identity
@@ -26,7 +27,6 @@ from host.vae_tiling import TilingOptions, VaeTilingTransform
 log = logging.getLogger(__name__)
 
 LOW_VRAM_PROFILES = (2, 4, 5)  # mmgp profiles that stream the transformer: VRAM is the limit
-INT8_PARTS = ("transformer", "text_encoder")  # the parts that may hold int8 layers
 
 
 def load_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -55,34 +55,41 @@ def _load_quanto_cpu(model: Any, files: list[Path], dtype: Any, device: Any) -> 
     return cpu_safe_int8(load_quanto(model, files, dtype, device))
 
 
-def lowvram_transforms(options: Mapping[str, Any], files: Mapping[str, Path] | None = None) -> list[Transform]:
+def lowvram_transforms(
+    options: Mapping[str, Any], files: Mapping[str, Path] | None = None, facts: ModelFacts | None = None
+) -> list[Transform]:
     """The low-VRAM transforms for a run, in the order they apply.
 
     options: `load_options`' result (compute_device or device, dtype, quantization, profile), optionally
     vae_tiling ("auto"/"always"/"never"). files: role -> path (the text encoder's identity keys the cache).
+    facts: the family's `ModelFacts` (components, which of their Linears are int8; None: no int8 parts known,
+    offload of whatever parts the model has).
     """
     device = options.get("compute_device", options["device"])
     files = files or {}
     profile = offload_mod.resolve_profile(options.get("profile", "auto"), device)
     transforms: list[Transform] = [
-        Int8Transform(options.get("quantization") == "int8", device, options.get("dtype")),
+        Int8Transform(options.get("quantization") == "int8", device, options.get("dtype"), facts),
         PromptCacheTransform(file_identity(files.get("text_encoder"))),
         VaeTilingTransform(TilingOptions(mode=options.get("vae_tiling", "auto"))),
         BlackImageGuard(),
     ]
     if profile in LOW_VRAM_PROFILES:
         transforms.append(SequentialGuidance())
-    transforms.append(offload_mod.OffloadTransform(options.get("profile", "auto"), device, options.get("dtype")))
+    components = facts.names if facts is not None else None
+    transforms.append(offload_mod.OffloadTransform(options.get("profile", "auto"), device, options.get("dtype"), components))
     return transforms
 
 
-def apply_lowvram(model: Any, options: Mapping[str, Any], files: Mapping[str, Path] | None = None) -> TransformStack:
+def apply_lowvram(
+    model: Any, options: Mapping[str, Any], files: Mapping[str, Path] | None = None, facts: ModelFacts | None = None
+) -> TransformStack:
     """Apply `lowvram_transforms` to a built model; returns the stack (its `model` is the same object).
 
     Transforms that need a hook point the model lacks (a model without `hooks`) are skipped.
     """
     stack = TransformStack(model)
-    for transform in lowvram_transforms(options, files):
+    for transform in lowvram_transforms(options, files, facts):
         if _needs_hooks(transform) and hooks_of(model) is None:
             log.debug("%s: the model offers no hooks; %s skipped", type(model).__name__, transform.name)
             continue
@@ -96,22 +103,26 @@ def _needs_hooks(transform: Transform) -> bool:
 
 @dataclass
 class Int8Transform:
-    """int8 weights: the transformer quantized on the fly when int8 is asked and none was loaded; every
-    part's int8 layers compute in the compute dtype (on the CPU always fp32: see host/quantize.py).
-    Irreversible in place: the weights stay int8 until the model is reloaded."""
+    """int8 weights: the denoiser quantized on the fly (the Linears its facts name) when int8 is asked and
+    no int8 file was loaded; every part's int8 layers compute in the compute dtype (on the CPU always fp32:
+    see host/quantize.py). Irreversible in place: the weights stay int8 until the model is reloaded."""
 
     quantize: bool
     device: str
     dtype: Any = None
+    facts: ModelFacts | None = None
     name: str = "int8"
     reversible: bool = False
 
     def apply(self, model: Any) -> None:
-        transformer = component(model, "transformer")
-        if self.quantize and transformer is not None and not is_quantized(transformer):
-            log.info("no int8 file for the transformer: quantizing it on the fly")
-            quantize_model(transformer, dtype=self.dtype)
-        for name in INT8_PARTS:
+        if self.facts is None:
+            return
+        denoiser = self.facts.with_role(DENOISER)
+        part = component(model, denoiser.name) if denoiser is not None else None
+        if self.quantize and denoiser.int8_pattern and part is not None and not is_quantized(part):
+            log.info("no int8 file for the %s: quantizing it on the fly", denoiser.name)
+            quantize_model(part, include=self.facts.quantize_pattern(denoiser.name), dtype=self.dtype)
+        for name in self.facts.int8_components:
             part = component(model, name)
             if part is None or not is_quantized(part):
                 continue

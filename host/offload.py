@@ -11,6 +11,7 @@ On the CPU there is nothing to offload: the same calls run without mmgp (logged 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,6 @@ PROFILES: dict[int, str] = {
     4: "LowRAM_LowVRAM: the transformer streamed block by block, only it pinned (default)",
     5: "VerylowRAM_LowVRAM: streamed in small pieces, nothing pinned (slowest, least RAM)",
 }
-COMPONENTS = ("text_encoder", "transformer", "vae")
 _LOGGED_CPU = False
 
 
@@ -78,11 +78,18 @@ class OffloadHandle:
             torch.cuda.empty_cache()
 
 
-def apply_offload(pipe: Any, profile: int | str | None, device: str, dtype: torch.dtype | None = None) -> OffloadHandle:
-    """Offload the pipeline's parts (attributes text_encoder, transformer, vae) with mmgp's `profile`.
+def apply_offload(
+    pipe: Any,
+    profile: int | str | None,
+    device: str,
+    dtype: torch.dtype | None = None,
+    components: Sequence[str] | None = None,
+) -> OffloadHandle:
+    """Offload the model's parts (`components`, in run order: the family's facts) with mmgp's `profile`.
 
-    The parts must have been loaded on the CPU (`load_device`); the pipeline's `device` becomes `device`.
-    dtype: the compute dtype of the transformer and text encoder (default: the transformer's).
+    The parts must have been loaded on the CPU (`load_device`); the model's `device` becomes `device`.
+    dtype: the compute dtype (default: that of the first part's weights). components: default, every part
+    the model's `components()` lists.
     """
     global _LOGGED_CPU
     number = resolve_profile(profile, device)
@@ -94,11 +101,12 @@ def apply_offload(pipe: Any, profile: int | str | None, device: str, dtype: torc
     from host.mmgp_import import import_mmgp_offload
 
     offload = import_mmgp_offload()
-    parts = {name: component(pipe, name) for name in COMPONENTS}
+    names = list(components) if components is not None else list(pipe.components())
+    parts = {name: component(pipe, name) for name in names}
     missing = [name for name, part in parts.items() if part is None]
     if missing:
         raise SettingsError(f"offload needs every part loaded; missing: {', '.join(missing)}")
-    dtype = dtype or _float_dtype(parts["transformer"])
+    dtype = dtype or next(_float_dtype(p) for p in parts.values())
     keep_precision(parts)
     select_gpu(device)
     previous = torch.get_default_device()
@@ -168,12 +176,13 @@ class OffloadTransform:
     profile: int | str | None
     device: str
     dtype: torch.dtype | None = None
+    components: Sequence[str] | None = None
     name: str = "offload"
     reversible: bool = True
     handle: OffloadHandle | None = None
 
     def apply(self, model: Any) -> None:
-        self.handle = apply_offload(model, self.profile, self.device, self.dtype)
+        self.handle = apply_offload(model, self.profile, self.device, self.dtype, self.components)
         hooks = hooks_of(model)
         if hooks is not None:
             hooks.after_generate.add(self.name, self.handle.after_generation)

@@ -35,9 +35,6 @@ log = logging.getLogger(__name__)
 
 QMAP_KEY = "quantization_map_base64"
 QUANTO_ENTRY = {"weights": "qint8", "activations": "none"}
-# Which Linears quantize is the family's fact (`ModelFacts.quantize_pattern(component)`); this fallback,
-# the repeated `layers.N.` blocks, only serves callers that pass no pattern yet.
-DEFAULT_PATTERN = re.compile(r"^layers\.\d+\.")
 KNOWN_PREFIXES = ("model.",)  # Qwen3ForCausalLM files wrap the Qwen3Model keys
 IGNORED_PREFIXES = ("lm_head.",)  # the pipeline only needs hidden states
 QUANTO_BUFFERS = ("input_scale", "output_scale")
@@ -55,13 +52,13 @@ def is_quantized(model: nn.Module) -> bool:
 
 def quantize_model(
     model: nn.Module,
-    include: Callable[[str], bool] | re.Pattern[str] | str | None = None,
+    include: Callable[[str], bool] | re.Pattern[str] | str,
     dtype: torch.dtype | None = None,
 ) -> list[str]:
     """Replace the selected full-precision Linears by int8 `QLinear`s (per-row absmax scales), in place.
 
     include picks modules by name: a predicate, or a regex matched at the start of the name (the family's
-    `ModelFacts.quantize_pattern(component)`); default DEFAULT_PATTERN. dtype: the compute dtype; each Linear is
+    `ModelFacts.quantize_pattern(component)`). dtype: the compute dtype; each Linear is
     cast to it before quantizing, so the scales (which set the dtype a qint8 layer computes in) match the
     rest of the model (None keeps the Linear's dtype). One layer at a time, so the peak is the model plus
     one layer. Returns the quantized module names.
@@ -84,11 +81,11 @@ def quantize_model(
     return names
 
 
-def _name_filter(include: Callable[[str], bool] | re.Pattern[str] | str | None) -> Callable[[str], bool]:
-    """A module-name predicate from a predicate, a regex (compiled or not) or None (DEFAULT_PATTERN)."""
+def _name_filter(include: Callable[[str], bool] | re.Pattern[str] | str) -> Callable[[str], bool]:
+    """A module-name predicate from a predicate or a regex (compiled or not), matched at the name's start."""
     if callable(include):
         return include
-    pattern = DEFAULT_PATTERN if include is None else re.compile(include)
+    pattern = re.compile(include)
     return lambda name: pattern.match(name) is not None
 
 

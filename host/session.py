@@ -237,7 +237,7 @@ class Session:
         options = {"device": self.device.device, "dtype": self.device.dtype, "quantization": s["quantization"], "profile": s["profile"]}
         options = lowvram.load_options(options)  # load on the CPU under mmgp, on-demand text encoder, int8 reader
         model = self.handler(task.preset).load_model(task.preset.architecture, task.preset.model_def, files, options)
-        stack = lowvram.apply_lowvram(model, options, files)  # int8, prompt cache, VAE tiling, guards, offload
+        stack = lowvram.apply_lowvram(model, options, files, task.preset.facts)  # int8, cache, tiling, guard, offload
         self._loaded = _Loaded(key, model, stack)
         return time.perf_counter() - start
 

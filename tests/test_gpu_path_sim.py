@@ -29,7 +29,7 @@ from host import offload
 from host.lowvram import apply_lowvram, load_options
 from host.preview import LatentPreviewer
 from host.quantize import is_quantized, quantize_model
-from models.z_image.facts_z_image import LATENT
+from models.z_image.facts_z_image import FACTS, LATENT
 from tests.fixtures.pipelines import flat_pipeline
 
 F32, BF16 = torch.float32, torch.bfloat16
@@ -119,7 +119,7 @@ def _offloaded(flat: dict[str, Path], quantization: str = "bf16", dtype: torch.d
     """A pipeline put through the host's CUDA transforms (profile 4), then computing on the CPU."""
     pipe = _pipeline(flat)
     options = load_options({"device": "cuda", "dtype": dtype, "quantization": quantization, "profile": 4})
-    pipe.stack = apply_lowvram(pipe, options, {})  # kept beside it for the tests
+    pipe.stack = apply_lowvram(pipe, options, {}, FACTS)  # kept beside it for the tests
     pipe.device = torch.device("cpu")  # the fake moved nothing
     return pipe
 
@@ -193,9 +193,10 @@ def test_int8_scales_follow_the_compute_dtype_under_offload(fake_mmgp, tiny_flat
     fake_mmgp()
     pipe = _pipeline(tiny_flat_layout)
     pipe.transformer.to(BF16)
-    quantize_model(pipe.transformer, dtype=F32)  # int8 layers with fp32 scales in a bf16 model
+    # int8 layers with fp32 scales in a bf16 model
+    quantize_model(pipe.transformer, include=FACTS.quantize_pattern("transformer"), dtype=F32)
     options = load_options({"device": "cuda", "dtype": BF16, "quantization": "int8", "profile": 4})
-    apply_lowvram(pipe, options, {})
+    apply_lowvram(pipe, options, {}, FACTS)
     scales = {m.weight._scale.dtype for m in pipe.transformer.modules() if hasattr(m, "weight_qtype")}
     assert scales == {BF16}
 

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from common.errors import SettingsError
 from host.lora import apply_loras, parse_multipliers
 from host.lora_apply import LoraRuntime, is_quantized, linear_shapes, multiplier_at
+from models.z_image.facts_z_image import FACTS
 from models.z_image.lora_z_image import normalize_lora
 
 PROBE = "layers.0.attention.to_q"
@@ -104,7 +105,7 @@ def test_int8_quanto_model_runtime_path_without_dequantizing() -> None:
     lora, normalized = _normalized(fp32, 2)
     reference = run(merged_by_hand(fp32, {m: lora.delta(m) for m in lora.down}, 1.0))
     model = tiny_model()
-    assert quantize_model(model)  # layers.N -> int8 QLinear
+    assert quantize_model(model, include=FACTS.quantize_pattern("transformer"))  # layers.N -> int8 QLinear
     probe_module = dict(model.named_modules())[PROBE]
     x = torch.randn(3, 64)
     with torch.no_grad():

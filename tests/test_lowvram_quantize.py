@@ -23,6 +23,7 @@ from host.quantize import (
     set_int8_dtype,
 )
 from models.z_image import loading_z_image as loading
+from models.z_image.facts_z_image import FACTS
 from models.z_image.tiny_z_image import TINY_CONFIG
 
 F32 = torch.float32
@@ -54,7 +55,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _write_int8(tmp_path: Path, flat_transformer: Path, name: str = "ZImageTurbo_quanto_bf16_int8.safetensors") -> Path:
     model = loading.load_transformer(flat_transformer, None, F32)
-    quantize_model(model)
+    quantize_model(model, include=FACTS.quantize_pattern("transformer"))
     return save_quantized(model, tmp_path / name)
 
 
@@ -92,7 +93,7 @@ def test_int8_quality_close_to_fp32(fp32_transformer: torch.nn.Module, tiny_flat
     catching a real bug (a wrong scale axis or a missing scale gives errors of 50-100%+).
     """
     model = loading.load_transformer(tiny_flat_layout["transformer"], None, F32)
-    quantize_model(model)
+    quantize_model(model, include=FACTS.quantize_pattern("transformer"))
     latents, t, captions = _inputs()
     with torch.no_grad():
         ref, out = fp32_transformer(latents, t, captions), model(latents, t, captions)
@@ -116,7 +117,7 @@ def test_int8_file_loads_through_the_family_loader(
     assert is_quantized(loaded) and loaded.config == TINY_CONFIG
     assert loaded.get_submodule("layers.1.feed_forward.w2").weight._scale.dtype == F32  # cast to compute dtype
     reference = loading.load_transformer(tiny_flat_layout["transformer"], None, F32)
-    quantize_model(reference)
+    quantize_model(reference, include=FACTS.quantize_pattern("transformer"))
     name = "layers.0.feed_forward.w1"
     assert torch.equal(loaded.get_submodule(name).weight._data, reference.get_submodule(name).weight._data)
     latents, t, captions = _inputs()
@@ -153,7 +154,7 @@ def test_text_encoder_int8_file(hooked: None, tmp_path: Path, tiny_flat_layout: 
     quantized = loading.load_text_encoder(
         tiny_flat_layout["text_encoder"], tiny_flat_layout["text_encoder_config"], F32
     )
-    names = quantize_model(quantized)
+    names = quantize_model(quantized, include=FACTS.quantize_pattern("text_encoder"))
     assert "layers.0.self_attn.q_proj" in names and "layers.1.mlp.down_proj" in names
     path = save_quantized(
         quantized, tmp_path / "Qwen3" / "qwen3_quanto_bf16_int8.safetensors", dtype=None, prefix="model."
@@ -239,7 +240,7 @@ def test_scales_follow_the_compute_dtype(tiny_flat_layout: dict[str, Path]) -> N
     """Quantizing an fp32-loaded model for a bf16 run gives bf16 scales (a qint8 layer computes in its
     scale's dtype: fp32 scales beside bf16 norms gave SDPA mixed q/k/v dtypes); `set_int8_dtype` recasts."""
     model = loading.load_transformer(tiny_flat_layout["transformer"], None, F32)
-    quantize_model(model, dtype=torch.bfloat16)
+    quantize_model(model, include=FACTS.quantize_pattern("transformer"), dtype=torch.bfloat16)
     layer = model.get_submodule("layers.0.attention.to_v")
     assert layer.weight._scale.dtype == torch.bfloat16 and layer.weight._data.dtype == torch.int8
     assert set_int8_dtype(model, F32) == len(quantization_map(model))

@@ -20,6 +20,7 @@ from host.lowvram import apply_lowvram, load_options
 from host.prompt_cache import PromptCache, attach_prompt_cache, file_identity, shared_cache
 from host.quantize import is_quantized
 from host.vae_tiling import TilingOptions, VaeTilingTransform, tile_starts, tiled_decode
+from models.z_image.facts_z_image import FACTS
 from tests.fixtures.pipelines import flat_pipeline
 
 F32 = torch.float32
@@ -249,7 +250,7 @@ def test_transforms_on_a_pipeline_cpu(tiny_flat_layout: dict[str, Path], caplog:
     options = load_options({"device": "cpu", "dtype": F32, "quantization": "int8", "profile": "auto"})
     assert options["keep_text_encoder"] is False
     with caplog.at_level(logging.INFO, logger="host.offload"):
-        stack = apply_lowvram(pipe, options, {"text_encoder": tiny_flat_layout["text_encoder"]})
+        stack = apply_lowvram(pipe, options, {"text_encoder": tiny_flat_layout["text_encoder"]}, FACTS)
     assert stack.model is pipe and is_quantized(pipe.transformer)
     assert stack.names == ["int8", "prompt_cache", "vae_tiling", "black_image_guard", "offload"]
     assert pipe.hooks.decode.owners == ["black_image_guard", "vae_tiling"]  # the guard sees the blended image
@@ -283,7 +284,7 @@ def test_offload_profiles_on_cuda(tiny_flat_layout: dict[str, Path], profile: in
     reference.release()
     pipe = _pipeline(tiny_flat_layout, dtype=torch.bfloat16)  # loaded on the CPU, as under mmgp
     options = load_options({"device": "cuda", "dtype": torch.bfloat16, "quantization": "bf16", "profile": profile})
-    apply_lowvram(pipe, options, {})
+    apply_lowvram(pipe, options, {}, FACTS)
     assert torch.get_default_device().type == "cpu"
     assert pipe.batch_cfg == (profile not in (2, 4, 5))  # streaming profiles run guidance branches in turn
     assert all(p.dtype == F32 for p in pipe.vae.parameters())
@@ -300,7 +301,7 @@ def test_int8_offload_on_cuda_in_the_compute_dtype(tiny_flat_layout: dict[str, P
     """int8 on the fly under profile 4, in bf16 and in fp32 (GPUs below sm80): no mixed q/k/v dtypes."""
     pipe = _pipeline(tiny_flat_layout, dtype=dtype)
     options = load_options({"device": "cuda", "dtype": dtype, "quantization": "int8", "profile": 4})
-    apply_lowvram(pipe, options, {})
+    apply_lowvram(pipe, options, {}, FACTS)
     assert pipe.transformer.get_submodule("layers.0.attention.to_v").weight._scale.dtype == dtype
     result = pipe.generate(SETTINGS)
     assert result.images[0].size == (64, 64)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from host.lowvram import apply_lowvram, load_options
 from host.prompt_cache import PromptCache, attach_prompt_cache, file_identity, shared_cache
+from models.z_image.facts_z_image import FACTS
 from tests.fixtures.pipelines import flat_pipeline
 
 F32 = torch.float32
@@ -89,14 +90,14 @@ def test_encoder_file_rewritten_in_place_is_a_miss(tiny_flat_layout: dict[str, P
     options = load_options({"device": "cpu", "dtype": F32, "quantization": "bf16", "profile": "auto"})
     shared_cache().clear()
     try:
-        before = apply_lowvram(_pipeline(flat), options, {"text_encoder": flat["text_encoder"]}).model
+        before = apply_lowvram(_pipeline(flat), options, {"text_encoder": flat["text_encoder"]}, FACTS).model
         old = before.encode_prompt("a red fox", 512)
         identity = file_identity(flat["text_encoder"])
         _other_weights(tiny_flat_layout["text_encoder"], flat["text_encoder"])
         if file_identity(flat["text_encoder"]) == identity:  # a coarse file-system clock: make the rewrite visible
             stat = flat["text_encoder"].stat()
             os.utime(flat["text_encoder"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-        after = apply_lowvram(_pipeline(flat), options, {"text_encoder": flat["text_encoder"]}).model
+        after = apply_lowvram(_pipeline(flat), options, {"text_encoder": flat["text_encoder"]}, FACTS).model
         new = after.encode_prompt("a red fox", 512)
         assert _same(new, after._encode_prompt("a red fox", 512)) and not _same(new, old)
         assert shared_cache().misses >= 2 and len(shared_cache()) == 2
