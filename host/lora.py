@@ -285,7 +285,7 @@ def parse_multipliers(text: str | Sequence[Any], n_loras: int) -> list[list[floa
 
 @dataclass
 class LoraTransform:
-    """LoRA files on a loaded model's `transformer` (a transform, host/transforms.py).
+    """LoRA files on a loaded model's denoiser (`target`, a component name; a transform, host/transforms.py).
 
     Runtime mode adds PyTorch forward hooks to the matched Linears (the weights stay untouched); merged mode
     adds the deltas into the weights and restores them on removal. Per-step schedules follow the model's
@@ -297,6 +297,7 @@ class LoraTransform:
     multipliers: str | Sequence[Any]
     normalizer: LoraNormalizer | None = None
     merged: bool = False
+    target: str = "transformer"  # the component LoRAs apply to (the family's denoiser)
     name: str = "loras"
     reversible: bool = True
     runtime: LoraRuntime | None = None
@@ -306,9 +307,9 @@ class LoraTransform:
     def load(self, model: Any) -> None:
         """Read, check and normalise the files for this model (nothing attached yet: an error here leaves
         the model and any LoRAs on it untouched). `apply` calls it when it was not called before."""
-        target = component(model, "transformer")
+        target = component(model, self.target)
         if not isinstance(target, torch.nn.Module):
-            raise SettingsError("this model has no `transformer` module to apply LoRAs to")
+            raise SettingsError(f"this model has no `{self.target}` module to apply LoRAs to")
         schedules = parse_multipliers(self.multipliers, len(self.paths))
         if hooks_of(model) is None and any(len(set(s)) > 1 for s in schedules):
             raise SettingsError("per-step LoRA multipliers need a model with step hooks; give one value per LoRA")

@@ -17,6 +17,7 @@ from typing import Any
 
 from common.attention import get_attention_backend, set_attention_backend
 from common.errors import SettingsError, UserInputError
+from common.model_facts import DENOISER
 from host import PROGRAM_NAME, __version__, lowvram
 from host import settings as host_settings
 from host.device import DeviceChoice, attention_backend, choose_device, peak_memory_gb, reset_peak_memory
@@ -251,7 +252,9 @@ class Session:
         loaded.loras = None  # unknown until done: after a failure the next task attaches (or removes) again
         if task.loras:
             paths, multipliers = list(task.loras.paths), list(task.loras.multipliers)
-            transform = LoraTransform(paths, multipliers, normalizer=self.handler(task.preset))
+            denoiser = task.preset.facts.with_role(DENOISER)
+            target = denoiser.name if denoiser is not None else LoraTransform.target
+            transform = LoraTransform(paths, multipliers, normalizer=self.handler(task.preset), target=target)
             transform.load(loaded.model)  # a bad file fails here, with the previous LoRAs still attached
             loaded.transforms.push(transform)
         else:
