@@ -54,7 +54,7 @@ class SettingSpec:
     maximum: float | None = None
     exclusive_minimum: bool = False  # `> minimum` instead of `>= minimum`
     multiple_of: int | None = None  # sizes: each side a multiple of this
-    choices: tuple[Any, ...] = ()
+    choices: tuple[Any, ...] = ()  # a choice's values; for text, suggestions (the form's dropdown)
     aliases: tuple[tuple[str, Any], ...] = ()  # extra accepted spellings of a choice: ("jpg", "jpeg")
     range_text: str = ""
     bool_as_number: bool = False  # numbers: true -> 1, false -> 0 (a switch that also takes a strength)

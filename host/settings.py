@@ -20,7 +20,7 @@ from typing import Any
 from common import settings_schema as schema
 from common.errors import SettingsError, UserInputError
 from common.settings_schema import SettingSpec
-from host.registry import FamilyHandler
+from host.registry import FamilyHandler, Registry
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ HOST_SPECS: tuple[SettingSpec, ...] = (
     ),
     SettingSpec(
         "attention", "text", "auto", "attention backend: auto (preset rules) or a backend name, e.g. sdpa",
-        group="advanced", changes_image=False,
+        group="advanced", choices=("auto", "sdpa", "flash", "sage", "sage2"), changes_image=False,
     ),
     SettingSpec(
         "output_format", "choice", "png", "file format of saved images", group="advanced",
@@ -57,7 +57,8 @@ HOST_SPECS: tuple[SettingSpec, ...] = (
         group="lora", flag="loras", cli=False, label="LoRAs (family folder)",
     ),
     SettingSpec(
-        "loras_multipliers", "text_or_list", "", "one multiplier per activated LoRA (a,b,c = per-step schedule)",
+        "loras_multipliers", "text_or_list", "",
+        "one per LoRA, space separated (0.8 1.0); a comma list is a schedule over the steps (1,0.5,0)",
         group="lora", cli=False, label="Multipliers",
     ),
     SettingSpec(
@@ -70,7 +71,6 @@ HOST_SPECS: tuple[SettingSpec, ...] = (
     ),
 )
 HOST_ONLY = frozenset(s.name for s in HOST_SPECS)
-HOST_KEYS = {s.name: s for s in HOST_SPECS}  # name -> spec (the web form's older name for them)
 
 
 def host_defaults() -> dict[str, Any]:
@@ -93,6 +93,28 @@ def family_specs(handler: FamilyHandler, model_type: str) -> list[SettingSpec]:
             f"host settings ({', '.join(clashes) or 'an entry is not a SettingSpec'})"
         )
     return specs
+
+
+def all_family_specs(registry: Registry) -> list[SettingSpec]:
+    """Every discovered family's settings, each name once (family order, then schema order): what the
+    command line and the web form offer. Two families declaring one name as different kinds share a text
+    entry, and the chosen model's schema converts the value. A family whose schema fails is left out (logged)."""
+    found: dict[str, SettingSpec] = {}
+    for family in sorted(registry.families.values(), key=lambda f: (f.order, f.label)):
+        for model_type in family.types:
+            try:
+                specs = family_specs(family.handler, model_type)
+            except (UserInputError, ValueError) as exc:
+                log.warning("family %s: settings of %s left out: %s", family.name, model_type, exc)
+                continue
+            for spec in specs:
+                known = found.setdefault(spec.name, spec)
+                if known.kind != spec.kind and known.kind != "text":
+                    found[spec.name] = SettingSpec(
+                        spec.name, "text", help=f"{known.help} (checked by the model's family)", group=known.group,
+                        flag=known.flag, cli=known.cli, label=known.label,
+                    )
+    return list(found.values())
 
 
 def family_defaults(handler: FamilyHandler, model_type: str, model_def: Mapping[str, Any]) -> dict[str, Any]:

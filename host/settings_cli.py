@@ -11,10 +11,9 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from common.errors import UserInputError
 from common.settings_schema import SettingSpec, range_text
 from host.registry import Registry
-from host.settings import HOST_SPECS, family_specs
+from host.settings import HOST_SPECS, all_family_specs
 
 log = logging.getLogger(__name__)
 
@@ -27,24 +26,8 @@ def host_flag_specs() -> list[SettingSpec]:
 
 
 def family_flag_specs(registry: Registry) -> list[SettingSpec]:
-    """Every discovered family's settings that have a flag, each name once (family order, then schema order).
-
-    Two families declaring one name as different kinds share a text flag; the chosen model's schema
-    converts the value.
-    """
-    found: dict[str, SettingSpec] = {}
-    for family in sorted(registry.families.values(), key=lambda f: (f.order, f.label)):
-        for model_type in family.types:
-            try:
-                specs = family_specs(family.handler, model_type)
-            except (UserInputError, ValueError) as exc:  # a broken family loses its flags, not the command line
-                log.warning("family %s: no flags for %s: %s", family.name, model_type, exc)
-                continue
-            for spec in (s for s in specs if s.cli):
-                known = found.setdefault(spec.name, spec)
-                if known.kind != spec.kind and known.kind != "text":
-                    found[spec.name] = SettingSpec(spec.name, "text", help=f"{known.help} (checked by the model's family)")
-    return list(found.values())
+    """Every discovered family's settings that have a flag, each name once (host/settings.py all_family_specs)."""
+    return [s for s in all_family_specs(registry) if s.cli]
 
 
 def add_setting_flags(group: argparse._ArgumentGroup, specs: Iterable[SettingSpec]) -> list[SettingSpec]:

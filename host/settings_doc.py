@@ -47,15 +47,15 @@ def settings_tables(registry: Registry) -> str:
 
 def _family_rows(family: Family) -> list[str]:
     schemas = {model_type: family_specs(family.handler, model_type) for model_type in family.types}
-    first = next(iter(schemas.values()))
+    union = {s.name: s for specs in schemas.values() for s in specs}  # a setting only some model types have
     rows = []
-    for spec in first:
-        defaults = {t: next((s.default for s in specs if s.name == spec.name), None) for t, specs in schemas.items()}
-        rows.append(_row(spec, defaults))
+    for spec in union.values():
+        defaults = {t: d.default for t, specs in schemas.items() for d in specs if d.name == spec.name}
+        rows.append(_row(spec, defaults, only=list(defaults) if len(defaults) < len(schemas) else None))
     return rows
 
 
-def _row(spec: SettingSpec, defaults: dict[str, Any]) -> str:
+def _row(spec: SettingSpec, defaults: dict[str, Any], only: list[str] | None = None) -> str:
     flag = f"`{spec.flag_name}`" if spec.cli else ""
     allowed = choices_text(spec) if spec.kind == "choice" else range_text(spec)
     if spec.kind == "size" and spec.multiple_of:
@@ -67,13 +67,13 @@ def _row(spec: SettingSpec, defaults: dict[str, Any]) -> str:
         _defaults_text(defaults),
         allowed,
         "yes" if spec.changes_image else "no",
-        spec.help,
+        spec.help + (f" (only `{'`, `'.join(only)}`)" if only else ""),
     ]
     return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
 
 def _defaults_text(defaults: dict[str, Any]) -> str:
-    """One default, or `8` (`z_image`), `30` (`z_image_base`) where the model types differ."""
+    """One default, or `8` (`turbo`), `30` (`base`) where the model types differ."""
     values = list(defaults.values())
     if all(v == values[0] for v in values):
         return _value(values[0])

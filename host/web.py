@@ -16,7 +16,8 @@ from typing import Any
 
 from host import PROGRAM_NAME, __version__
 from host.session import HostConfig, Session
-from host.web_form import DEFAULT_SETTINGS_DIR, FIELD_IDS, resolution_choices
+from host.web_fields import field_rows
+from host.web_form import DEFAULT_SETTINGS_DIR
 from host.web_models import family_choices, family_of, model_choices, models_of_family
 
 DEFAULT_PORT = 7860
@@ -84,11 +85,11 @@ def build_app(session: Session, settings_dir: Path | None = DEFAULT_SETTINGS_DIR
         with gr.Row():
             with gr.Column(scale=5):
                 _model_panel(gr, c, app)
-                _prompt_panel(gr, c)
-                _size_panel(gr, c, app)
+                field_rows(gr, c, app.fields_of("basic"), app)
+                _image_panel(gr, c, app)
                 _buttons(gr, c)
-                _advanced_panel(gr, c)
-                _lora_panel(gr, c)
+                _advanced_panel(gr, c, app)
+                _lora_panel(gr, c, app)
             with gr.Column(scale=6):
                 _results_panel(gr, c)
         c["page"] = gr.State({})
@@ -115,80 +116,31 @@ def _model_panel(gr: Any, c: dict[str, Any], app: Any) -> None:
     c["model_info"] = gr.Markdown(app.model_info(default, None), elem_id="model_info")
 
 
-def _prompt_panel(gr: Any, c: dict[str, Any]) -> None:
-    c["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id="prompt")
-    c["token_count"] = gr.Markdown("", elem_id="token_count")
-    c["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=2, elem_id="negative_prompt")
+def _image_panel(gr: Any, c: dict[str, Any], app: Any) -> None:
+    """Image inputs (a family's start image, mask, ...): shown for the model types that take them."""
+    fields = app.fields_of("image")
+    if fields:
+        with gr.Accordion("Image inputs", open=True, elem_id="image_inputs") as c["panel_image"]:
+            field_rows(gr, c, fields, app)
 
 
-def _size_panel(gr: Any, c: dict[str, Any], app: Any) -> None:
-    with gr.Row():
-        c["resolution"] = gr.Dropdown(
-            resolution_choices(app.preset_sizes()),
-            label="Resolution",
-            elem_id="resolution",
-            allow_custom_value=True,
-            scale=2,
-        )
-        c["width"] = gr.Number(label="Width", precision=0, elem_id="width", scale=1)
-        c["height"] = gr.Number(label="Height", precision=0, elem_id="height", scale=1)
-    c["size_note"] = gr.Markdown("", elem_id="size_note")
-    with gr.Row():
-        c["steps"] = gr.Number(label="Steps", precision=0, minimum=1, maximum=1000, elem_id="steps")
-        c["guidance"] = gr.Number(label="Guidance", step=0.1, minimum=0, elem_id="guidance")
-        c["flow_shift"] = gr.Number(label="Flow shift", step=0.1, minimum=0, elem_id="flow_shift")
-    with gr.Row():
-        c["seed"] = gr.Number(label="Seed (-1 = random)", precision=0, elem_id="seed", scale=2)
-        c["reuse_seed"] = gr.Button("♻ last seed", elem_id="reuse_seed", scale=1, size="sm")
-        c["batch_size"] = gr.Number(
-            label="Batch size", precision=0, minimum=1, maximum=64, elem_id="batch_size", scale=2
-        )
-
-
-def _advanced_panel(gr: Any, c: dict[str, Any]) -> None:
+def _advanced_panel(gr: Any, c: dict[str, Any], app: Any) -> None:
     with gr.Accordion("Advanced options", open=False):
-        with gr.Row():
-            c["cfg_normalization"] = gr.Number(
-                label="CFG normalization (0 = off)", step=0.1, minimum=0, elem_id="cfg_normalization"
-            )
-            c["cfg_truncation"] = gr.Number(
-                label="CFG truncation (>= 1: never)", step=0.05, minimum=0, elem_id="cfg_truncation"
-            )
-            c["max_tokens"] = gr.Number(
-                label="Max prompt tokens", precision=0, minimum=1, maximum=1024, elem_id="max_tokens"
-            )
-        with gr.Row():
-            c["quantization"] = gr.Dropdown(["int8", "bf16", "fp16", "fp32"], label="Weights", elem_id="quantization")
-            c["profile"] = gr.Dropdown(
-                ["auto", "1", "2", "3", "4", "5"],
-                label="Offload profile (CUDA)",
-                elem_id="profile",
-                allow_custom_value=True,
-            )
-            c["attention"] = gr.Dropdown(
-                ["auto", "sdpa", "flash", "sage", "sage2"],
-                label="Attention",
-                elem_id="attention",
-                allow_custom_value=True,
-            )
-            c["output_format"] = gr.Dropdown(["png", "jpeg", "webp"], label="File format", elem_id="output_format")
+        field_rows(gr, c, app.fields_of("advanced"), app, per_row=4)
         c["memory_plan"] = gr.Code(
             label="Memory planner (expected peaks)", language=None, elem_id="memory_plan", lines=4
         )
 
 
-def _lora_panel(gr: Any, c: dict[str, Any]) -> None:
+def _lora_panel(gr: Any, c: dict[str, Any], app: Any) -> None:
     with gr.Accordion("LoRAs", open=True):
-        with gr.Row():
-            c["loras"] = gr.Dropdown(
-                [], multiselect=True, label="LoRAs (family folder)", elem_id="loras", allow_custom_value=True, scale=4
-            )
-            c["lora_refresh"] = gr.Button("⟳ refresh", elem_id="lora_refresh", size="sm", scale=1)
-        c["loras_multipliers"] = gr.Textbox(
-            label="Multipliers",
-            info="one per LoRA, space separated (0.8 1.0); a comma list is a schedule over the steps (1,0.5,0)",
-            elem_id="loras_multipliers",
-        )
+        for field in app.fields_of("lora"):
+            if field.spec.kind == "list":  # the LoRA files of the family folder, with a refresh button
+                with gr.Row():
+                    field_rows(gr, c, [field], app)
+                    c["lora_refresh"] = gr.Button("⟳ refresh", elem_id="lora_refresh", size="sm", scale=1)
+            else:
+                field_rows(gr, c, [field], app)
         with gr.Row():
             c["lset"] = gr.Dropdown([], label="LoRA set (.lset)", elem_id="lset", allow_custom_value=True, scale=2)
             c["lset_load"] = gr.Button("load set", elem_id="lset_load", size="sm", scale=1)
@@ -238,4 +190,4 @@ def _results_panel(gr: Any, c: dict[str, Any]) -> None:
         )
 
 
-__all__ = ["FIELD_IDS", "build_app", "launch", "serve"]
+__all__ = ["build_app", "launch", "serve"]

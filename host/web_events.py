@@ -18,10 +18,12 @@ from common.errors import UserInputError
 from host.lora_sets import list_lsets
 from host.outputs import read_settings
 from host.session import Session, Task
+from host.web_fields import field_updates, page_size_key
 from host.web_form import (
     CUSTOM,
-    FIELD_IDS,
+    FormField,
     accepted_keys,
+    form_fields,
     form_from_settings,
     parse_size,
     preset_defaults,
@@ -64,10 +66,16 @@ class WebApp(LoraPanel):
         self.settings_dir = settings_dir
         self.worker = GenerationWorker(session, format_error=self.format_error)
         self.choices = model_choices(session)
+        self.fields = form_fields(session.registry)  # the form's inputs, from the settings schemas
+        self.field_ids = tuple(f.id for f in self.fields)
         self.c: dict[str, Any] = {}
         self.vram_gb = detected_vram_gb()
 
     # -- facts for the layout -------------------------------------------------------------------
+
+    def fields_of(self, group: str) -> list[FormField]:
+        """The form fields of one group of settings (basic, image, advanced, lora), in order."""
+        return [f for f in self.fields if f.spec is not None and f.spec.group == group]
 
     def default_model(self, choices: list[Any]) -> str | None:
         """The first real model (self-test presets come last)."""
@@ -106,8 +114,8 @@ class WebApp(LoraPanel):
     def wire(self, demo: Any, c: dict[str, Any]) -> None:
         """Connect every event; `c` maps element ids to components."""
         self.c = c
-        form = [c[f] for f in FIELD_IDS]
-        self.apply_outputs = [*form, c["family"], c["resolution"], c["status"]]
+        form = [c[f] for f in self.field_ids]
+        self.apply_outputs = [*form, *self._present("panel_image", "resolution"), c["family"], c["status"]]
         demo.load(self.on_model_input, [c["model"]], self.apply_outputs, show_progress="hidden")
         c["family"].input(self.on_family, [c["family"]], [c["model"]]).then(
             self.on_model_input, [c["model"]], self.apply_outputs, show_progress="hidden"
@@ -118,32 +126,39 @@ class WebApp(LoraPanel):
         c["quantization"].change(
             self.on_model_change, [c["model"], c["quantization"]], model_outputs, show_progress="hidden"
         )
-        token_inputs = [c["model"], c["prompt"], c["max_tokens"], c["quantization"]]
-        # the status changes when a job ends: the first one may have brought the tokenizer (exact count)
-        for event in (c["prompt"].change, c["max_tokens"].change, c["model"].change, c["status"].change):
-            event(self.on_tokens, token_inputs, [c["token_count"]], show_progress="hidden", trigger_mode="always_last")
-        c["guidance"].change(self.on_guidance, [c["guidance"]], [c["negative_prompt"]], show_progress="hidden")
-        c["resolution"].input(self.on_resolution, [c["resolution"]], [c["width"], c["height"]], show_progress="hidden")
-        plan_inputs = [c["model"], c["width"], c["height"], c["guidance"]]
-        for name in ("width", "height"):
-            c[name].change(
-                self.on_size, [c["width"], c["height"]], [c["size_note"], c["resolution"]], show_progress="hidden"
-            )
-        for name in ("model", "width", "height", "guidance"):
-            c[name].change(self.on_memory, plan_inputs, [c["memory_plan"]], show_progress="hidden")
+        # Settings a family may not declare (no prompt, no guidance, no size) leave their helpers unwired.
+        none = gr.State(None)
+        if "prompt" in c:
+            token_inputs = [c["model"], c["prompt"], c.get("max_tokens", none), c["quantization"]]
+            # the status changes when a job ends: the first one may have brought the tokenizer (exact count)
+            for name in ("prompt", "max_tokens", "model", "status"):
+                if name in c:
+                    c[name].change(
+                        self.on_tokens, token_inputs, [c["token_count"]], show_progress="hidden", trigger_mode="always_last"
+                    )
+        if "guidance" in c and "negative_prompt" in c:
+            c["guidance"].change(self.on_guidance, [c["guidance"]], [c["negative_prompt"]], show_progress="hidden")
+        if "width" in c:
+            size = [c["width"], c["height"]]
+            c["resolution"].input(self.on_resolution, [c["resolution"]], size, show_progress="hidden")
+            for name in ("width", "height"):
+                c[name].change(self.on_size, size, [c["size_note"], c["resolution"]], show_progress="hidden")
+            plan_inputs = [c["model"], *size, c.get("guidance", none)]
+            for name in self._names_present("model", "width", "height", "guidance"):
+                c[name].change(self.on_memory, plan_inputs, [c["memory_plan"]], show_progress="hidden")
         self._wire_run(c, form)
         self._wire_results(c)
         self._wire_loras(c)
 
     def _wire_run(self, c: dict[str, Any], form: list[Any]) -> None:
         # Handlers that concern "my jobs" take a gr.Request (Gradio passes it): its session hash names the tab.
-        c["generate"].click(
-            self.on_generate_in_tab, form, [c["status"], c["width"], c["height"], c["size_note"]], show_progress="hidden"
-        )
+        size_outputs = self._present("width", "height", "size_note")
+        c["generate"].click(self.on_generate_in_tab, form, [c["status"], *size_outputs], show_progress="hidden")
         c["abort"].click(self.on_abort, None, [c["status"]], show_progress="hidden")
         c["clear_queue"].click(self.on_clear, None, [c["status"]], show_progress="hidden")
         c["save_defaults"].click(self.on_save_defaults, form, [c["status"]], show_progress="hidden")
-        c["reuse_seed"].click(self.on_reuse_seed, [c["selected"]], [c["seed"], c["status"]], show_progress="hidden")
+        if "reuse_seed" in c:
+            c["reuse_seed"].click(self.on_reuse_seed, [c["selected"]], [c["seed"], c["status"]], show_progress="hidden")
         tick_outputs = [c["progress"], c["preview"], c["gallery"], c["status"], c["queue"], c["page"]]
         c["timer"].tick(self.on_tick, [c["page"]], tick_outputs, show_progress="hidden", concurrency_limit=None)
 
@@ -178,8 +193,8 @@ class WebApp(LoraPanel):
         model_type = wanted if wanted in catalog else current_model
         if wanted and wanted not in catalog:
             note += f" The model type {wanted!r} is not available here; kept {current_model!r}."
-        values = form_from_settings({k: v for k, v in settings.items() if k != "model_type"})
-        updates: dict[Any, Any] = {c[f]: v for f, v in values.items() if f != "model" and f != "loras"}
+        values = form_from_settings({k: v for k, v in settings.items() if k != "model_type"}, self.fields)
+        updates = self._field_updates(values, model_type)
         if model_type:
             family = family_of(self.choices, model_type)
             updates[c["family"]] = family
@@ -188,15 +203,27 @@ class WebApp(LoraPanel):
             )
             files = lora_files(self.session, catalog[model_type])
             lora_update = {"choices": files} | ({"value": values["loras"]} if "loras" in values else {})
-            updates[c["loras"]] = gr.update(**lora_update)
-        if "guidance" in values:  # the negative prompt's note follows the guidance it arrives with
-            negative = {"value": values["negative_prompt"]} if "negative_prompt" in values else {}
-            updates[c["negative_prompt"]] = self.on_guidance(values["guidance"]) | negative
+            updates[c["loras"]] = updates.get(c["loras"], {}) | gr.update(**lora_update)
+        if "guidance" in values and "negative_prompt" in c:  # the negative prompt's note follows the guidance
+            updates[c["negative_prompt"]] = updates.get(c["negative_prompt"], {}) | self.on_guidance(values["guidance"])
         if "width" in values:
-            updates[c["resolution"]] = resolution_value(values["width"], values["height"], self._resolutions())
+            shown = resolution_value(values["width"], values["height"], self._resolutions())
+            updates[c["resolution"]] = updates.get(c["resolution"], {}) | gr.update(value=shown)
         if note.strip():
             updates[c["status"]] = status_html(note.strip(), "info")
         return updates
+
+    def _field_updates(self, values: dict[str, Any], model_type: str | None) -> dict[Any, Any]:
+        """New values, and only the fields of settings the model type accepts shown."""
+        preset = self.session.catalog.presets.get(model_type or "")
+        accepted = accepted_keys(self.session, preset) if preset is not None else {f.key for f in self.fields}
+        return field_updates(gr, self.c, self.fields, values, accepted)
+
+    def _present(self, *names: str) -> list[Any]:
+        return [self.c[name] for name in self._names_present(*names)]
+
+    def _names_present(self, *names: str) -> list[str]:
+        return [name for name in names if name in self.c]
 
     def _resolutions(self) -> list[tuple[str, str]]:
         return resolution_choices(self.preset_sizes())
@@ -255,12 +282,12 @@ class WebApp(LoraPanel):
 
     def on_generate(self, *values: Any, owner: str = "") -> dict[Any, Any]:
         """Validate the form now (errors shown at once), then queue it as a job with its own settings."""
-        c, form = self.c, dict(zip(FIELD_IDS, values, strict=True))
+        c, form = self.c, dict(zip(self.field_ids, values, strict=True))
         if not form.get("model"):
             return {c["status"]: status_html("Choose a model first.", "error")}
         try:
             preset = self.session.catalog.get(form["model"])
-            result = settings_from_form(form, accepted_keys(self.session, preset))
+            result = settings_from_form(form, self.fields, accepted_keys(self.session, preset))
             task = self.session.prepare({**result.settings, "model_type": preset.model_type}, "web UI")
         except UserInputError as exc:
             return {c["status"]: status_html(f"Not queued: {exc}", "error")}
@@ -269,8 +296,9 @@ class WebApp(LoraPanel):
         text = f"Queued job #{job.id} ({task.model_type}, {task.settings.get('resolution', '')})"
         text += f", {ahead} ahead of it." if ahead else "."
         updates: dict[Any, Any] = {c["status"]: status_html(" ".join([text, *result.notes]), "info")}
-        if result.notes and "resolution" in task.settings:
-            updates[c["width"]], updates[c["height"]] = parse_size(str(task.settings["resolution"]))
+        size_key = page_size_key(self.fields)
+        if result.notes and size_key in task.settings:
+            updates[c["width"]], updates[c["height"]] = parse_size(str(task.settings[size_key]))
             updates[c["size_note"]] = result.notes[0]
         return updates
 
@@ -282,12 +310,12 @@ class WebApp(LoraPanel):
         return status_html(f"Removed {removed} of your waiting job(s) from the queue.", "info")
 
     def on_save_defaults(self, *values: Any) -> str:
-        form = dict(zip(FIELD_IDS, values, strict=True))
+        form = dict(zip(self.field_ids, values, strict=True))
         if self.settings_dir is None or not form.get("model"):
             return status_html("Choose a model first.", "error")
         try:
             preset = self.session.catalog.get(form["model"])
-            result = settings_from_form(form, accepted_keys(self.session, preset))
+            result = settings_from_form(form, self.fields, accepted_keys(self.session, preset))
             self.session.prepare({**result.settings, "model_type": preset.model_type}, "defaults")
             path = save_user_defaults(self.settings_dir, preset.model_type, result.settings)
         except (UserInputError, OSError) as exc:

@@ -18,11 +18,12 @@ from typing import Any
 from PIL import Image
 
 from common.errors import SettingsError
+from common.settings_schema import SettingSpec
 from host import settings as host_settings
 from host.atomic import atomic_write_json
 from host.outputs import EXIF_IFD, IMAGE_DESCRIPTION, PARAMETERS_KEY, read_settings
 from host.presets import Preset
-from host.registry import REPO_ROOT
+from host.registry import REPO_ROOT, Registry
 from host.session import Session
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SETTINGS_DIR = REPO_ROOT / "settings"  # "save as my defaults" writes <model_type>.json here
 SIZE_MULTIPLE = 16  # VAE factor 8 x patch 2; every shipped family needs it (the family still validates)
 MAX_SIDE = 4096
+SIZE_SIDES = ("width", "height")
 CUSTOM = "custom"
 # What PIL raises for a file that is not an image, a decompression bomb, a text chunk that inflates too far,
 # or broken chunks: each means "no settings can be read from this file".
@@ -52,31 +54,36 @@ RESOLUTION_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("9:21", ("720x1680",)),
 )
 
-# Form field (Gradio elem_id) -> task setting. The page's input components follow this order.
-FORM_FIELDS: tuple[tuple[str, str], ...] = (
-    ("model", "model_type"),
-    ("prompt", "prompt"),
-    ("negative_prompt", "negative_prompt"),
-    ("width", "width"),
-    ("height", "height"),
-    ("steps", "num_inference_steps"),
-    ("guidance", "guidance_scale"),
-    ("flow_shift", "flow_shift"),
-    ("seed", "seed"),
-    ("batch_size", "batch_size"),
-    ("cfg_normalization", "cfg_normalization"),
-    ("cfg_truncation", "cfg_truncation"),
-    ("max_tokens", "max_sequence_length"),
-    ("quantization", "quantization"),
-    ("profile", "profile"),
-    ("attention", "attention"),
-    ("output_format", "output_format"),
-    ("loras", "activated_loras"),
-    ("loras_multipliers", "loras_multipliers"),
-)
-FIELD_IDS = tuple(f for f, _ in FORM_FIELDS)
-INT_FIELDS = {"width", "height", "steps", "seed", "batch_size", "max_tokens"}
-FLOAT_FIELDS = {"guidance", "flow_shift", "cfg_normalization", "cfg_truncation"}
+MODEL_FIELD = "model"  # the model picker: sets model_type
+
+
+@dataclass(frozen=True)
+class FormField:
+    """One input of the generation form: its element id, the setting it sets, and that setting's spec.
+
+    A size setting is two fields (`width`, `height`) for one key; other ids are the spec's short name
+    (`steps` for num_inference_steps, `loras` for activated_loras).
+    """
+
+    id: str
+    key: str
+    spec: SettingSpec | None = None  # None for the model picker
+
+
+def form_fields(registry: Registry) -> tuple[FormField, ...]:
+    """The form's inputs in page order: the model picker, every discovered family's settings (schema order),
+    then the host's; settings shown elsewhere or set by the program (group "hidden") are not fields."""
+    fields = [FormField(MODEL_FIELD, "model_type")]
+    sides = SIZE_SIDES
+    for spec in [*host_settings.all_family_specs(registry), *host_settings.HOST_SPECS]:
+        if spec.group == "hidden":
+            continue
+        if spec.kind == "size":  # the first size is the page's width/height; others get their own pair
+            fields += [FormField(side, spec.name, spec) for side in sides]
+            sides = tuple(f"{spec.short}_{side}" for side in SIZE_SIDES)
+        else:
+            fields.append(FormField(spec.short, spec.name, spec))
+    return tuple(fields)
 
 
 def resolution_choices(extra: Sequence[str] = ()) -> list[tuple[str, str]]:
@@ -95,18 +102,22 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def snap_size(width: float, height: float) -> tuple[int, int, str]:
-    """Round each side to the nearest multiple of 16; returns (w, h, note). Out-of-range sides are left
-    as they are, so validation reports them with the allowed range."""
+def snap_size(width: float, height: float, spec: SettingSpec | None = None) -> tuple[int, int, str]:
+    """Round each side to the nearest multiple of the size's `multiple_of` (16 where it names none: VAE 8 x
+    patch 2, the usual case); returns (w, h, note). Out-of-range sides are left as they are, so validation
+    reports them with the allowed range."""
+    multiple = (spec.multiple_of if spec else None) or SIZE_MULTIPLE
+    low = int(spec.minimum) if spec and spec.minimum is not None else multiple
+    high = int(spec.maximum) if spec and spec.maximum is not None else MAX_SIDE
     snapped, changed = [], []
-    for name, value in (("width", width), ("height", height)):
+    for name, value in zip(SIZE_SIDES, (width, height), strict=True):
         v = int(round(float(value)))
-        if SIZE_MULTIPLE <= v <= MAX_SIDE and v % SIZE_MULTIPLE:
-            new = min(MAX_SIDE, max(SIZE_MULTIPLE, (v + SIZE_MULTIPLE // 2) // SIZE_MULTIPLE * SIZE_MULTIPLE))
+        if low <= v <= high and v % multiple:
+            new = min(high // multiple * multiple, max(multiple, (v + multiple // 2) // multiple * multiple))
             changed.append(f"{name} {v} -> {new}")
             v = new
         snapped.append(v)
-    note = f"snapped to multiples of {SIZE_MULTIPLE}: {', '.join(changed)}" if changed else ""
+    note = f"snapped to multiples of {multiple}: {', '.join(changed)}" if changed else ""
     return snapped[0], snapped[1], note
 
 
@@ -124,51 +135,78 @@ class FormResult:
     notes: list[str]
 
 
-def settings_from_form(values: Mapping[str, Any], accepted: set[str]) -> FormResult:
-    """Form values (by field id) -> raw task settings limited to the keys the model type accepts."""
-    v = dict(values)
-    width, height, note = snap_size(v.pop("width") or 0, v.pop("height") or 0)
-    raw: dict[str, Any] = {"resolution": f"{width}x{height}"}
-    for field_id, key in FORM_FIELDS:
-        if field_id not in v or key not in accepted:
+def settings_from_form(values: Mapping[str, Any], fields: Sequence[FormField], accepted: set[str]) -> FormResult:
+    """Form values (by field id) -> raw task settings limited to the keys the model type accepts; each value
+    typed from its spec (a Number's 3.0 -> 3 for an integer, "4" -> 4 for a numeric choice). Empty fields are
+    left out (the preset's value applies); sizes are snapped (`snap_size`), with a note."""
+    raw: dict[str, Any] = {}
+    notes: list[str] = []
+    for field in fields:
+        spec = field.spec
+        if spec is None or field.key not in accepted or field.id not in values or field.key in raw:
             continue
-        value = v[field_id]
-        if field_id in INT_FIELDS and value is not None:
-            value = int(round(float(value)))
-        elif field_id in FLOAT_FIELDS and value is not None:
-            value = float(value)
-        elif field_id == "loras":
-            value = list(value or [])
-        elif field_id == "profile" and isinstance(value, str) and value.isdigit():
-            value = int(value)
-        elif value is None:
-            continue
-        raw[key] = value
-    if "resolution" not in accepted:
-        raw.pop("resolution")
-    return FormResult(raw, [note] if note else [])
+        if spec.kind == "size":
+            width_id, height_id = _size_ids(fields, field.key)
+            width, height, note = snap_size(values.get(width_id) or 0, values.get(height_id) or 0, spec)
+            raw[field.key] = f"{width}x{height}"
+            notes += [note] if note else []
+        elif values[field.id] is not None or spec.kind == "list":  # an empty multiselect is no LoRA
+            raw[field.key] = _from_field(spec, values[field.id])
+    return FormResult(raw, notes)
 
 
-def form_from_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Task settings -> form values by field id (only the fields the settings mention)."""
+def _from_field(spec: SettingSpec, value: Any) -> Any:
+    if spec.kind == "int":
+        return int(round(float(value)))
+    if spec.kind == "float":
+        return float(value)
+    if spec.kind == "bool":
+        return bool(value)
+    if spec.kind == "list":
+        return list(value or [])
+    if spec.kind == "choice":  # the dropdown holds text: "4" is the choice 4
+        return next((c for c in spec.choices if str(c) == str(value)), value)
+    return value
+
+
+def form_from_settings(settings: Mapping[str, Any], fields: Sequence[FormField]) -> dict[str, Any]:
+    """Task settings -> form values by field id (only the fields the settings mention). An input image is
+    shown when its file is still there (else left out, with a log line)."""
     out: dict[str, Any] = {}
-    key_to_field = {key: field_id for field_id, key in FORM_FIELDS}
     for key, value in settings.items():
-        if key == "resolution":
+        matching = [f for f in fields if f.key == key]
+        if not matching:
+            continue
+        spec = matching[0].spec
+        if spec is None:
+            out[MODEL_FIELD] = value
+        elif spec.kind == "size":
             try:
-                out["width"], out["height"] = parse_size(str(value))
+                sides = parse_size(str(value))
             except SettingsError:
-                log.warning("ignoring resolution %r", value)
-        elif key in key_to_field:
-            field_id = key_to_field[key]
-            if field_id == "profile":
-                value = str(value)
-            elif field_id == "cfg_normalization" and isinstance(value, bool):
-                value = 1.0 if value else 0.0
-            elif field_id == "loras":
-                value = list(value or [])
-            out[field_id] = value
+                log.warning("ignoring %s %r", key, value)
+                continue
+            out.update(zip(_size_ids(fields, key), sides, strict=True))
+        elif spec.kind == "image" and value is not None and not Path(str(value)).is_file():
+            log.warning("input image %s of %r is not on disk; left out of the form", value, key)
+        else:
+            out[matching[0].id] = _to_field(spec, value)
     return out
+
+
+def _to_field(spec: SettingSpec, value: Any) -> Any:
+    if spec.kind == "choice" and not all(isinstance(c, str) for c in spec.choices):
+        return str(value)  # e.g. profile 2 -> "2", as the dropdown lists it
+    if spec.kind == "float" and spec.bool_as_number and isinstance(value, bool):
+        return 1.0 if value else 0.0
+    if spec.kind == "list":
+        return list(value or [])
+    return value
+
+
+def _size_ids(fields: Sequence[FormField], key: str) -> tuple[str, str]:
+    width, height = (f.id for f in fields if f.key == key)
+    return width, height
 
 
 # -- defaults ------------------------------------------------------------------------------------
@@ -178,7 +216,7 @@ def accepted_keys(session: Session, preset: Preset) -> set[str]:
     """Every setting a model type accepts: the host's keys and the family's."""
     handler = session.handler(preset)
     family = host_settings.family_defaults(handler, preset.architecture, preset.model_def)
-    return set(host_settings.HOST_KEYS) | set(family)
+    return set(host_settings.HOST_ONLY) | set(family)
 
 
 def preset_defaults(session: Session, preset: Preset, settings_dir: Path | None) -> dict[str, Any]:
@@ -187,7 +225,7 @@ def preset_defaults(session: Session, preset: Preset, settings_dir: Path | None)
     family = host_settings.family_defaults(handler, preset.architecture, preset.model_def)
     merged = {**host_settings.host_defaults(), **family, **preset.settings}
     saved = load_user_defaults(settings_dir, preset.model_type)
-    known = set(host_settings.HOST_KEYS) | set(family)
+    known = set(host_settings.HOST_ONLY) | set(family)
     for key, value in saved.items():
         if key in known and key not in ("model_type", "generation_info"):
             merged[key] = value

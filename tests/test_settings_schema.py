@@ -23,6 +23,7 @@ from host import settings as host_settings
 from host.outputs import read_settings
 from host.registry import DEFAULT_MODELS_ROOT, discover
 from host.session import Session
+from host.web_form import accepted_keys, form_fields, form_from_settings, settings_from_form
 from tests.fixtures.host_env import cli_args, toy_env, write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -282,10 +283,56 @@ def test_docs_tables_list_a_family_setting_the_host_never_heard_of(tmp_path: Pat
     config = toy_env(tmp_path)
     tables = settings_doc.settings_tables(discover(config.models_root))
     assert "Toy family (`toy`, `toy_plus`):" in tables
-    assert "| `toy_image` | `--toy-image` | image file (path) |  |  | yes | a picture blended into the noise |" in tables
+    assert "| `toy_image` | `--toy-image` | image file (path) |  |  | yes | a picture blended into the noise (only `toy`) |" in tables
     assert "| `toy_mix` | `--toy-mix` | number | `0.5` | between 0 and 1 | yes |" in tables
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{settings_doc.START}\nold\n{settings_doc.END}\nrest\n")
     assert settings_doc.main(["--write", str(readme), "--models-root", str(config.models_root)]) == 0
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("rest\n") and "\nold\n" not in text and "`toy_invert`" in text
+
+
+# -- the web form from the schemas -------------------------------------------------------------------
+
+OLD_FORM = (  # host/web_form.py FORM_FIELDS before the schema: the Z-Image page's inputs, in page order
+    "model prompt negative_prompt width height steps guidance flow_shift seed batch_size cfg_normalization "
+    "cfg_truncation max_tokens quantization profile attention output_format loras loras_multipliers"
+).split()
+
+
+def test_z_image_form_has_todays_fields_in_todays_order() -> None:
+    fields = form_fields(Session().registry)
+    assert [f.id for f in fields] == OLD_FORM
+    assert {f.id: f.key for f in fields}["max_tokens"] == "max_sequence_length"
+
+
+def test_a_family_setting_becomes_a_form_field_and_a_setting(tmp_path: Path) -> None:
+    session = Session(toy_env(tmp_path))
+    fields = form_fields(session.registry)
+    ids = [f.id for f in fields]
+    assert ids[ids.index("batch_size") + 1 : ids.index("quantization")] == ["toy_image", "toy_mix", "toy_invert"]
+    kinds = {f.id: f.spec.kind for f in fields if f.spec is not None}
+    assert (kinds["toy_image"], kinds["toy_mix"], kinds["toy_invert"]) == ("image", "float", "bool")
+    start = _picture(tmp_path / "start.png")
+    values = {"model": "toy", "width": 40, "height": 32, "toy_image": str(start), "toy_mix": 1, "toy_invert": True}
+    result = settings_from_form(values, fields, accepted_keys(session, session.catalog.get("toy")))
+    assert result.settings["toy_image"] == str(start) and result.settings["toy_mix"] == 1.0
+    assert result.settings["resolution"] == "48x32" and result.notes == ["snapped to multiples of 16: width 40 -> 48"]
+    task = session.prepare({**result.settings, "model_type": "toy"}, "web UI")
+    assert task.settings["toy_invert"] is True
+    back = form_from_settings({"toy_image": str(start), "toy_mix": 0.3, "resolution": "64x16"}, fields)
+    assert back == {"toy_image": str(start), "toy_mix": 0.3, "width": 64, "height": 16}
+    assert form_from_settings({"toy_image": str(tmp_path / "gone.png")}, fields) == {}  # a file no longer there
+
+
+def test_the_form_shows_only_the_settings_the_model_type_takes(tmp_path: Path) -> None:
+    from host.web_events import WebApp
+
+    plus = {"model": {"name": "Toy plus", "architecture": "toy_plus", "URLs": ["toy/toy_bf16.safetensors"]}}
+    app = WebApp(Session(toy_env(tmp_path, presets={"toy_plus": plus})), None)
+    app.c = {name: name for name in [*app.field_ids, "status", "family", "resolution", "panel_image", "model"]}
+    toy, toy_plus = app.on_model_input("toy"), app.on_model_input("toy_plus")
+    assert toy["toy_image"]["visible"] and toy["toy_mix"]["visible"] and toy["panel_image"]["visible"]
+    assert not toy_plus["toy_image"]["visible"] and not toy_plus["toy_mix"]["visible"]
+    assert not toy_plus["panel_image"]["visible"] and toy_plus["toy_invert"]["visible"]
+    assert toy["toy_mix"]["value"] == 0.5 and toy["steps"]["value"] == 3

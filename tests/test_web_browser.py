@@ -55,7 +55,7 @@ class Server:
     outputs: Path
     loras: Path
     log: Path
-    process: subprocess.Popen
+    process: subprocess.Popen | None
 
 
 def _free_port() -> int:
@@ -92,16 +92,22 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     ckpts, outputs, loras, finetunes = root / "ckpts", root / "outputs", root / "loras", root / "finetunes"
     finetunes.mkdir()
     _write_tiny_lora(loras / "z_image")
-    port, log = _free_port(), root / "server.log"
-    args = [sys.executable, "wgp.py", "--server-port", str(port), "--ckpts", str(ckpts), "--output-dir", str(outputs)]
-    args += ["--loras", str(loras), "--finetunes-dir", str(finetunes), "--settings-dir", str(root / "settings")]
+    args = ["--ckpts", str(ckpts), "--output-dir", str(outputs), "--loras", str(loras), "--finetunes-dir", str(finetunes)]
+    yield from _serve(root, args, Server("", ckpts, outputs, loras, root / "server.log", None))
+
+
+def _serve(root: Path, args: list[str], server: Server) -> Iterator[Server]:
+    """Run `python wgp.py <args>` (offline, CPU, its own settings folder) on a free port until the module ends."""
+    port = _free_port()
+    args = [sys.executable, "wgp.py", "--server-port", str(port), *args, "--settings-dir", str(root / "settings")]
     args += ["--offline", "--device", "cpu"]
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1,localhost"}
-    with open(log, "w") as log_file:
+    with open(server.log, "w") as log_file:
         process = subprocess.Popen(args, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     try:
-        _wait_for_port(port, process, log)
-        yield Server(f"http://127.0.0.1:{port}/", ckpts, outputs, loras, log, process)
+        _wait_for_port(port, process, server.log)
+        server.url, server.process = f"http://127.0.0.1:{port}/", process
+        yield server
     finally:
         process.terminate()
         try:
@@ -391,3 +397,59 @@ def _screenshot(page: object) -> None:
     if not SCREENSHOT.exists() or os.environ.get("WGP_UPDATE_SCREENSHOT") == "1":
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         SCREENSHOT.write_bytes(image)
+
+
+# -- issue 10 item 1: a family's own settings, an image input among them, with no host change ------------
+
+
+@pytest.fixture(scope="module")
+def toy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The web UI on the test-only toy family (tests/fixtures/families/toy): its schema declares toy_image
+    (an image input), toy_mix and toy_invert; "toy_plus" takes no image."""
+    from tests.fixtures.host_env import cli_args, toy_env
+
+    root = tmp_path_factory.mktemp("toyweb")
+    plus = {"model": {"name": "Toy plus", "architecture": "toy_plus", "URLs": ["toy/toy_bf16.safetensors"]}}
+    config = toy_env(root, presets={"toy_plus": plus})
+    args = [a for a in cli_args(config) if a not in ("--offline", "--device", "cpu")]
+    yield from _serve(root, args, Server("", config.ckpts, config.output_dir, root / "loras", root / "server.log", None))
+
+
+def test_a_family_image_input_is_an_upload_that_reaches_the_saved_image(
+    browser: object, toy_server: Server, tmp_path: Path
+) -> None:
+    import hashlib
+
+    import numpy as np
+
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        tab = context.new_page()
+        tab.goto(toy_server.url)
+        tab.wait_for_selector("#generate")
+        expect(tab.locator("#prompt textarea")).to_have_value("a toy")  # the toy preset's defaults are in
+        expect(tab.locator("#toy_image")).to_be_visible()
+        expect(tab.locator("#toy_mix input")).to_have_value("0.5")
+        start = tmp_path / "start.png"
+        Image.new("RGB", (32, 32), (200, 10, 60)).save(start)
+        tab.set_input_files("#toy_image input[type=file]", str(start))
+        expect(tab.locator("#toy_image img")).to_have_count(1)  # the upload shows
+        set_field(tab, "toy_mix", "1")
+        set_field(tab, "seed", "88")
+        tab.click("#generate")
+        expect(tab.locator("#gallery img")).to_have_count(1, timeout=RUN_TIMEOUT_MS)
+        [path] = sorted(toy_server.outputs.glob("*_seed88_*.png"))
+        assert (np.asarray(Image.open(path)) == (200, 10, 60)).all()  # mix 1: the uploaded picture itself
+        settings = json.loads(Image.open(path).info["wgp_settings"])
+        assert settings["toy_mix"] == 1.0 and settings["toy_invert"] is False
+        digest = hashlib.sha256(start.read_bytes()).hexdigest()
+        assert settings["generation_info"]["inputs"]["toy_image"]["sha256"] == digest
+        tab.click("#model input")
+        tab.click("#model li[role=option][aria-label='Toy plus']")
+        expect(tab.locator("#toy_image")).to_be_hidden()  # toy_plus takes no image: its fields are hidden
+        expect(tab.locator("#toy_mix")).to_be_hidden()
+        expect(tab.locator("#image_inputs")).to_be_hidden()
+        tab.get_by_text("Advanced options").click()
+        expect(tab.locator("#toy_invert")).to_be_visible()  # toy_plus does take this one
+    finally:
+        context.close()

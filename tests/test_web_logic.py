@@ -17,9 +17,9 @@ from host.preview import LatentPreviewer, latents_to_rgb, preview_interval
 from host.session import Session
 from host.web_form import (
     CUSTOM,
-    FORM_FIELDS,
     RESOLUTION_GROUPS,
     accepted_keys,
+    form_fields,
     form_from_settings,
     load_user_defaults,
     parse_a1111,
@@ -96,7 +96,8 @@ def _form(**overrides: object) -> dict[str, object]:
 def test_form_to_settings_keeps_only_accepted_keys_and_normalises_types() -> None:
     accepted = {"prompt", "negative_prompt", "resolution", "num_inference_steps", "guidance_scale", "seed"}
     accepted |= {"batch_size", "quantization", "profile", "activated_loras", "loras_multipliers"}
-    result = settings_from_form(_form(), accepted)
+    fields = form_fields(Session().registry)  # the shipped families' settings and the host's
+    result = settings_from_form(_form(), fields, accepted)
     assert result.settings == {
         "resolution": "96x32",
         "prompt": "a toy",
@@ -117,7 +118,8 @@ def test_form_to_settings_keeps_only_accepted_keys_and_normalises_types() -> Non
 def test_settings_to_form_round_trip() -> None:
     settings = {"model_type": "toy", "prompt": "p", "resolution": "64x48", "num_inference_steps": 5, "profile": 2}
     settings |= {"cfg_normalization": True, "activated_loras": ["a.safetensors"], "unknown": 1}
-    values = form_from_settings(settings)
+    fields = form_fields(Session().registry)
+    values = form_from_settings(settings, fields)
     assert values == {
         "model": "toy",
         "prompt": "p",
@@ -128,7 +130,7 @@ def test_settings_to_form_round_trip() -> None:
         "cfg_normalization": 1.0,
         "loras": ["a.safetensors"],
     }
-    assert set(values) <= {field for field, _ in FORM_FIELDS}
+    assert set(values) <= {field.id for field in fields}
 
 
 def test_user_defaults_override_the_preset_and_unknown_keys_are_ignored(tmp_path: Path) -> None:

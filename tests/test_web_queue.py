@@ -14,7 +14,7 @@ from PIL import Image
 from host.session import Session
 from host.web_queue import ABORTED, DONE, FAILED, GenerationWorker, wait_until_idle
 from host.web_render import progress_html, queue_html
-from tests.fixtures.host_env import toy_env
+from tests.fixtures.host_env import TOY_FAMILY, toy_env
 
 pytest.importorskip("gradio", reason="the web UI needs gradio")
 
@@ -117,22 +117,23 @@ def test_clear_removes_waiting_jobs_only(tmp_path: Path) -> None:
 @pytest.fixture
 def app(tmp_path: Path) -> Any:
     from host.web_events import WebApp
-    from host.web_form import FIELD_IDS
 
     web = WebApp(Session(toy_env(tmp_path)), tmp_path / "settings")
-    web.c = {name: name for name in [*FIELD_IDS, "status", "family", "resolution", "page", "size_note"]}
+    web.c = {name: name for name in [*web.field_ids, "status", "family", "resolution", "page", "size_note"]}
     web.c |= {name: name for name in ("progress", "preview", "gallery", "queue", "settings_drop")}
     return web
 
 
 def _values(**overrides: Any) -> list[Any]:
-    from host.web_form import FIELD_IDS
+    """The form's values in field order (the toy family's form, from its schema and the host's)."""
+    from host.registry import discover
+    from host.web_form import form_fields
 
     form = {"model": "toy", "prompt": "a toy", "width": 32, "height": 32, "steps": 2, "guidance": 0, "seed": 3}
     form |= {"batch_size": 1, "quantization": "bf16", "profile": "auto", "attention": "auto", "output_format": "png"}
     form |= {"loras": [], "loras_multipliers": ""}
     form |= overrides
-    return [form.get(f) for f in FIELD_IDS]
+    return [form.get(f.id) for f in form_fields(discover(TOY_FAMILY.parent))]
 
 
 def test_generate_validates_first_then_queues_and_the_page_polls_the_result(app: Any) -> None:
@@ -161,13 +162,14 @@ def test_use_settings_of_a_saved_image_and_save_as_defaults(app: Any) -> None:
     assert wait_until_idle(app.worker, 20)
     path = app.worker.snapshot().results[0].path
     updates = app._apply_image(path, "toy")
-    assert updates["prompt"] == "remember me" and updates["seed"] == 77 and updates["resolution"] == "32x32"
+    shown = {name: update["value"] for name, update in updates.items() if isinstance(update, dict) and "value" in update}
+    assert shown["prompt"] == "remember me" and shown["seed"] == 77 and shown["resolution"] == "32x32"
     assert "embedded settings" in updates["status"]
     assert app.on_reuse_seed(str(path))[0] == 77
     saved = app.on_save_defaults(*_values(steps=7))
     assert "Saved as your defaults" in saved
     defaults = app.on_model_input("toy")
-    assert defaults["steps"] == 7 and defaults["family"] == "Toy family"
+    assert defaults["steps"]["value"] == 7 and defaults["family"] == "Toy family"
     assert "no effect" in defaults["negative_prompt"]["label"]
 
 
