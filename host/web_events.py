@@ -126,7 +126,14 @@ class WebApp(LoraPanel):
         c["quantization"].change(
             self.on_model_change, [c["model"], c["quantization"]], model_outputs, show_progress="hidden"
         )
-        # Settings a family may not declare (no prompt, no guidance, no size) leave their helpers unwired.
+        self._wire_helpers(c)
+        self._wire_run(c, form)
+        self._wire_results(c)
+        self._wire_loras(c)
+
+    def _wire_helpers(self, c: dict[str, Any]) -> None:
+        """Token count, negative-prompt note, size picker and memory plan; settings a family may not declare
+        (no prompt, no guidance, no size) leave theirs unwired."""
         none = gr.State(None)
         if "prompt" in c:
             token_inputs = [c["model"], c["prompt"], c.get("max_tokens", none), c["quantization"]]
@@ -146,9 +153,6 @@ class WebApp(LoraPanel):
             plan_inputs = [c["model"], *size, c.get("guidance", none)]
             for name in self._names_present("model", "width", "height", "guidance"):
                 c[name].change(self.on_memory, plan_inputs, [c["memory_plan"]], show_progress="hidden")
-        self._wire_run(c, form)
-        self._wire_results(c)
-        self._wire_loras(c)
 
     def _wire_run(self, c: dict[str, Any], form: list[Any]) -> None:
         # Handlers that concern "my jobs" take a gr.Request (Gradio passes it): its session hash names the tab.
