@@ -179,3 +179,18 @@ class _LoadsAtWrite(io.StringIO):
         if text.startswith("INVALID"):
             self.loads_when_reported.append(len(self.loads) - self.start)
         return super().write(text)
+
+
+def test_progress_shows_images_per_minute_eta_and_failures() -> None:
+    from host.batch.progress import BatchCounts, BatchProgress
+
+    times = iter([0.0, 30.0, 45.0])
+    stream, counts = io.StringIO(), BatchCounts(total_rows=5, invalid=1)
+    progress = BatchProgress(4, counts, stream, clock=lambda: next(times))
+    progress({"status": "done", "files": [{"path": "a.png"}, {"path": "b.png"}]})  # 2 images after 30 s
+    progress({"status": "failed", "where": "rows.csv line 3", "error": "rows.csv line 3: boom"})
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "batch [######..................] 1/4 | 4.0 images/min | ETA 1:30"
+    assert lines[1] == "FAILED rows.csv line 3: boom"
+    assert lines[2] == "batch [############............] 2/4 | 1 failed | 2.7 images/min | ETA 0:45"
+    assert counts.summary() == "batch of 5 row(s): 1 done, 1 failed, 1 invalid row(s); 2 image(s) in 0:45 (2.7 images/min)"

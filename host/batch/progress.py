@@ -68,8 +68,8 @@ class BatchProgress:
         self.finished += 1
         if record.get("status") == FAILED:
             self.counts.failed += 1
-            self._write(f"FAILED {record.get('error')}" if str(record.get("error", "")).startswith(str(record.get("where")))
-                        else f"FAILED {record.get('where')}: {record.get('error')}", newline_first=True)
+            error, where = str(record.get("error")), str(record.get("where"))
+            self._write(f"FAILED {error}" if error.startswith(where) else f"FAILED {where}: {error}")
         else:
             self.counts.done += 1
             self.counts.images += len(record.get("files") or [])
@@ -99,8 +99,9 @@ class BatchProgress:
             self.stream.write(self.line() + "\n")  # logs and pipes: one line per task
         self.stream.flush()
 
-    def _write(self, text: str, newline_first: bool = False) -> None:
-        if newline_first and self.drawn:
+    def _write(self, text: str) -> None:
+        """A line of its own, below a bar drawn in place."""
+        if self.drawn:
             self.stream.write("\n")
             self.drawn = False
         self.stream.write(text + "\n")
