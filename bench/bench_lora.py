@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_transformer import CONFIGS, DTYPES  # noqa: E402
 from bench.rates import time_call  # noqa: E402
 from common.lora_delta import LoraDelta, NormalizedLora  # noqa: E402
-from host.lora_apply import LoraRuntime, linear_shapes  # noqa: E402
+from host.lora.apply import LoraRuntime, linear_shapes  # noqa: E402
 from models.z_image.transformer_z_image import ZImageConfig, ZImageTransformer  # noqa: E402
 
 CAPTION_TOKENS = 128

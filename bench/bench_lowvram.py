@@ -52,7 +52,7 @@ def write_model(folder: Path, config: dict) -> dict[str, Path]:
     import torch
     from safetensors.torch import save_file
 
-    from host.quantize import quantize_model, save_quantized
+    from host.lowvram.quantize import quantize_model, save_quantized
     from models.z_image.facts_z_image import FACTS
     from models.z_image.tiny_z_image import _randomise
     from models.z_image.transformer_z_image import ZImageConfig, ZImageTransformer
@@ -73,7 +73,7 @@ def case_load(path: str) -> dict:
     """Load a transformer file for fp32 compute; peak RSS over the RSS after imports."""
     import torch
 
-    from host.quantize import load_quanto
+    from host.lowvram.quantize import load_quanto
     from models.z_image import loading_z_image as loading
 
     loading.register_quantized_loader(load_quanto)
@@ -97,7 +97,7 @@ def case_forward(path: str, quantization: str, size: int) -> dict:
     """
     import torch
 
-    from host.quantize import load_quanto, quantize_model
+    from host.lowvram.quantize import load_quanto, quantize_model
     from models.z_image import loading_z_image as loading
     from models.z_image.facts_z_image import FACTS
 
@@ -180,8 +180,8 @@ def bench_forward(folder: Path) -> list[str]:
     (`cpu_peak_rss_gb` for that weight format: weights + one forward's activations)."""
     import torch
 
-    from host.planner import ModelSizes, PartSize, cpu_peak_rss_gb
-    from host.quantize import quantize_model
+    from host.lowvram.planner import ModelSizes, PartSize, cpu_peak_rss_gb
+    from host.lowvram.quantize import quantize_model
     from models.z_image import loading_z_image as loading
     from models.z_image.facts_z_image import FACTS
 

@@ -102,7 +102,7 @@ def build(workdir: Path, tiny: bool) -> dict[str, Path]:
     from safetensors.torch import save_file
     from transformers import Qwen3Config, Qwen3Model
 
-    from host.quantize import quantize_model, save_quantized
+    from host.lowvram.quantize import quantize_model, save_quantized
     from models.z_image import tiny_z_image as tiny
     from models.z_image.facts_z_image import FACTS
     from models.z_image.transformer_z_image import ZImageConfig, ZImageTransformer

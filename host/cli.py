@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import GenerationCancelled, UserInputError
-from host import PROGRAM_NAME, __version__, lora_cli, lowvram_cli, settings_cli
+from host import PROGRAM_NAME, __version__, settings_cli
 from host.batch import cli as batch_cli
+from host.lora import cli as lora_cli
+from host.lowvram import cli as lowvram_cli
 from host.progress import ProgressBar, timing_line
 from host.session import Destination, HostConfig, Phase, Session
 from host.tasks import PreparedTask, RawTask, prepare_tasks, read_task_files

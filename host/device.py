@@ -17,13 +17,40 @@ from dataclasses import dataclass
 import torch
 
 from common.errors import SettingsError
-from host.guards import compute_dtype
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ATTENTION = "sdpa"
 _RULE = re.compile(r"^\s*(<=|>=|<|>|==)?\s*(\d+)\s*$")
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, None: operator.eq}
+
+
+BF16_MIN_CAPABILITY = 80  # Ampere: native bf16 matmuls
+
+
+def compute_dtype(device: str, capability: int | None, requested: str | None = None) -> torch.dtype:
+    """bf16 on CUDA GPUs with compute capability >= 8.0, else fp32; `requested` "bf16"/"fp32" may force one.
+
+    Raises SettingsError for fp16 (overflows) and for bf16 on a GPU without native bf16.
+    """
+    if requested == "fp16":
+        raise SettingsError(
+            "fp16 is not supported: Z-Image's activations overflow fp16's range (max 65504) and the image turns "
+            "black. Use bf16 (GPUs with compute capability >= 8.0, e.g. RTX 30xx and newer) or fp32."
+        )
+    on_gpu = str(device).startswith("cuda")
+    if requested == "fp32" or not on_gpu:
+        return torch.float32
+    if capability is not None and capability < BF16_MIN_CAPABILITY:
+        if requested == "bf16":
+            raise SettingsError(
+                f"this GPU (compute capability {capability / 10:.1f}) has no native bf16; use fp32 (the default here)"
+            )
+        log.info(
+            "GPU compute capability %.1f < 8.0: computing in fp32 (fp16 overflows, bf16 is emulated)", capability / 10
+        )
+        return torch.float32
+    return torch.bfloat16
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from host.device import DeviceChoice, attention_backend, choose_device, peak_mem
 from host.files import DEFAULT_CKPTS, CheckpointFolders, download_file, resolve_files, specs_from_model_def
 from host.hashes import HashCache
 from host.lora import LoraReport, LoraTransform
-from host.lora_task import LoraChoice, expand_lset, lora_folders, task_loras
+from host.lora.task import LoraChoice, expand_lset, lora_folders, task_loras
 from host.outputs import check_output_folder, output_name, remove_stale_temp_files, save_image
 from host.presets import DEFAULTS_DIR, FINETUNES_DIR, Preset, PresetCatalog, load_presets
 from host.registry import DEFAULT_MODELS_ROOT, REPO_ROOT, FamilyHandler, LoadedModel, Registry, discover

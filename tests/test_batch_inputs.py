@@ -15,7 +15,7 @@ from host import cli
 from host.batch.inputs import Template, parse_set_options, read_rows
 from host.batch.job import BatchOptions, run_batch
 from host.batch.plan import order_items, prepare_rows
-from host.lora_task import LoraChoice
+from host.lora.task import LoraChoice
 from host.session import Session
 from tests.fixtures.host_env import TOY_PRESET, cli_args, toy_env
 

@@ -25,10 +25,9 @@ import torch
 from common import attention as attn
 from common.errors import NonFiniteOutputError
 from host import device as host_device
-from host import offload
-from host.lowvram import apply_lowvram, load_options
-from host.preview import LatentPreviewer
-from host.quantize import is_quantized, quantize_model
+from host.lowvram import apply_lowvram, load_options, offload
+from host.lowvram.quantize import is_quantized, quantize_model
+from host.web.preview import LatentPreviewer
 from models.z_image.facts_z_image import FACTS, LATENT
 from tests.fixtures.pipelines import flat_pipeline
 
@@ -102,7 +101,7 @@ def fake_mmgp(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., FakeMmg
     def install(**kwargs: Any) -> FakeMmgp:
         fake = FakeMmgp(**kwargs)
         made.append(fake)
-        monkeypatch.setattr("host.mmgp_import.import_mmgp_offload", lambda: fake)
+        monkeypatch.setattr("host.lowvram.mmgp_import.import_mmgp_offload", lambda: fake)
         return fake
 
     try:

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from common.errors import SettingsError
 from host.lora import apply_loras, parse_multipliers
-from host.lora_apply import LoraRuntime, is_quantized, linear_shapes, multiplier_at
+from host.lora.apply import LoraRuntime, is_quantized, linear_shapes, multiplier_at
 from models.z_image.facts_z_image import FACTS
 from models.z_image.lora_z_image import normalize_lora
 
@@ -99,7 +99,7 @@ def test_bf16_model() -> None:
 
 
 def test_int8_quanto_model_runtime_path_without_dequantizing() -> None:
-    from host.quantize import quantize_model
+    from host.lowvram.quantize import quantize_model
 
     fp32 = tiny_model()
     lora, normalized = _normalized(fp32, 2)
@@ -202,7 +202,7 @@ def test_runtime_hooks_follow_the_model_to_cuda() -> None:
 
 def test_mmgp_adapter_state_dict_keeps_every_delta() -> None:
     """The key set handed to mmgp's own LoRA API (offload on CUDA): scale folded in, no alpha keys."""
-    from host.lora_apply import mmgp_state_dict
+    from host.lora.apply import mmgp_state_dict
 
     model = tiny_model()
     lora, normalized = _normalized(model, 2, "musubi")

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from common.errors import CheckpointError
 from host.lora import load_lora
-from host.lora_apply import LoraRuntime, linear_shapes
+from host.lora.apply import LoraRuntime, linear_shapes
 from models.z_image.lora_z_image import normalize_lora
 
 TOL = 1e-4  # fp32; outputs are O(1)

@@ -23,8 +23,8 @@ from host.lora import (
     register_lora_root_arg,
     resolve_lora,
 )
-from host.lora_apply import linear_shapes
-from host.lora_sets import LoraSet, list_lsets, load_lset, save_lset
+from host.lora.apply import linear_shapes
+from host.lora.sets import LoraSet, list_lsets, load_lset, save_lset
 
 
 def _save(path: Path, sd: dict[str, torch.Tensor]) -> Path:

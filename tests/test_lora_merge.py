@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from common.errors import CheckpointError, SettingsError
 from host.lora import load_lora
-from host.lora_merge import merge_main, parse_merge_input
+from host.lora.merge import merge_main, parse_merge_input
 
 
 def _save(path: Path, sd: dict[str, torch.Tensor]) -> Path:
@@ -104,7 +104,7 @@ def test_a_rank_above_what_the_sum_holds_is_capped_with_a_warning(
     a = _save(tmp_path / "a.safetensors", DIALECTS["diffusers"](random_lora(model, seed=2)))
     b = _save(tmp_path / "b.safetensors", DIALECTS["diffusers"](random_lora(model, seed=3)))
     out = tmp_path / "r64.safetensors"
-    with caplog.at_level(logging.WARNING, logger="host.lora_merge"):
+    with caplog.at_level(logging.WARNING, logger="host.lora.merge"):
         result = merge_main([f"{a}:1", f"{b}:1"], out, NORMALIZER, rank=64)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert result.rank == 8 and result.energy_kept > 0.999999
@@ -112,7 +112,7 @@ def test_a_rank_above_what_the_sum_holds_is_capped_with_a_warning(
     assert f"of {result.modules} modules" in warnings[0]
     assert load_lora(out, NORMALIZER).report.rank == 8
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="host.lora_merge"):
+    with caplog.at_level(logging.WARNING, logger="host.lora.merge"):
         assert merge_main([f"{a}:1", f"{b}:1"], out, NORMALIZER, rank=3).rank == 3
         assert merge_main([f"{a}:1", f"{b}:1"], out, NORMALIZER).rank == 8  # the default rank: nothing to say
     assert not caplog.records
@@ -124,7 +124,7 @@ def test_cli_rank_above_the_sum_warns(tmp_path: Path, model, caplog: pytest.LogC
     a = _save(tmp_path / "a.safetensors", DIALECTS["musubi"](random_lora(model, seed=2)))
     b = _save(tmp_path / "b.safetensors", DIALECTS["ai-toolkit"](random_lora(model, seed=3)))
     out = tmp_path / "cli.safetensors"
-    with caplog.at_level(logging.WARNING, logger="host.lora_merge"):
+    with caplog.at_level(logging.WARNING, logger="host.lora.merge"):
         assert cli.main(["--merge-loras", f"{a}:0.7", f"{b}:0.5", "--output", str(out), "--rank", "64"]) == 0
     assert any(r.getMessage().startswith("--rank 64 is more than") for r in caplog.records)
     assert load_lora(out, NORMALIZER).report.rank == 8

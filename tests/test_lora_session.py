@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 import wgp
 from host import cli
 from host import lora as host_lora
-from host.lora_sets import LoraSet, save_lset
+from host.lora.sets import LoraSet, save_lset
 from host.session import Destination, HostConfig, Session
 from models.z_image import loading_z_image  # noqa: F401  (the engine must import: a broken one fails, never skips)
 

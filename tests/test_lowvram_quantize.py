@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from common.errors import CheckpointError
-from host.quantize import (
+from host.lowvram.quantize import (
     cpu_safe_int8,
     is_quantized,
     load_quanto,
@@ -191,7 +191,7 @@ def test_mmgp_loads_our_file(
     """
     from accelerate import init_empty_weights
 
-    from host.mmgp_import import import_mmgp_offload
+    from host.lowvram.mmgp_import import import_mmgp_offload
     from models.z_image.transformer_z_image import ZImageTransformer
 
     path = _write_int8(tmp_path, tiny_flat_layout["transformer"])

@@ -14,12 +14,12 @@ import torch
 from common import attention as attn
 from common.errors import NonFiniteOutputError, SettingsError
 from common.model_hooks import ModelHooks
-from host import offload, planner
-from host.guards import BlackImageGuard, check_pixels, compute_dtype
-from host.lowvram import apply_lowvram, load_options
-from host.prompt_cache import PromptCache, attach_prompt_cache, file_identity, shared_cache
-from host.quantize import is_quantized
-from host.vae_tiling import TilingOptions, VaeTilingTransform, tile_starts, tiled_decode
+from host.device import compute_dtype
+from host.lowvram import apply_lowvram, load_options, offload, planner
+from host.lowvram.guards import BlackImageGuard, check_pixels
+from host.lowvram.prompt_cache import PromptCache, attach_prompt_cache, file_identity, shared_cache
+from host.lowvram.quantize import is_quantized
+from host.lowvram.vae_tiling import TilingOptions, VaeTilingTransform, tile_starts, tiled_decode
 from models.z_image.facts_z_image import FACTS
 from tests.fixtures.pipelines import flat_pipeline
 
@@ -216,7 +216,7 @@ def test_mmgp_import_keeps_transformers_loading(tiny_diffusers_folder: Path) -> 
     import transformers.modeling_utils as mu
     from transformers import Qwen3Model
 
-    from host.mmgp_import import import_mmgp_offload
+    from host.lowvram.mmgp_import import import_mmgp_offload
 
     before = (safetensors.safe_open, mu.safe_open)
     offload_module = import_mmgp_offload()
@@ -249,7 +249,7 @@ def test_transforms_on_a_pipeline_cpu(tiny_flat_layout: dict[str, Path], caplog:
     pipe = _pipeline(tiny_flat_layout)
     options = load_options({"device": "cpu", "dtype": F32, "quantization": "int8", "profile": "auto"})
     assert options["keep_text_encoder"] is False
-    with caplog.at_level(logging.INFO, logger="host.offload"):
+    with caplog.at_level(logging.INFO, logger="host.lowvram.offload"):
         stack = apply_lowvram(pipe, options, {"text_encoder": tiny_flat_layout["text_encoder"]}, FACTS)
     assert stack.model is pipe and is_quantized(pipe.transformer)
     assert stack.names == ["int8", "prompt_cache", "vae_tiling", "black_image_guard", "offload"]
@@ -332,7 +332,7 @@ def test_planner_sizes_and_ordering() -> None:
 
 def test_cli_plan_and_save_quantized(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from host.cli import main
-    from host.quantize import load_quanto
+    from host.lowvram.quantize import load_quanto
     from models.z_image import loading_z_image as loading
 
     assert main(["--plan", "--model", "z_image_base", "--resolution", "1024x1024", "--vram-gb", "8"]) == 0

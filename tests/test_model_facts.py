@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from common.model_facts import DECODER, DENOISER, TEXT_ENCODER, ComponentFacts, LatentFormat, ModelFacts
-from host import lowvram_cli, planner
-from host.preview import latents_to_rgb
+from host.lowvram import cli as lowvram_cli
+from host.lowvram import planner
 from host.session import Session
-from host.web_models import memory_plan, out_of_memory_advice
-from host.web_queue import DONE, GenerationWorker, wait_until_idle
+from host.web.models import memory_plan, out_of_memory_advice
+from host.web.preview import latents_to_rgb
+from host.web.queue import DONE, GenerationWorker, wait_until_idle
 from tests.fixtures.host_env import TOY_PRESET, toy_env
 
 TOY_PLUS_PRESET = {**TOY_PRESET, "model": {**TOY_PRESET["model"], "name": "Toy plus", "architecture": "toy_plus"}}

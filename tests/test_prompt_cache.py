@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from host.lowvram import apply_lowvram, load_options
-from host.prompt_cache import PromptCache, attach_prompt_cache, file_identity, shared_cache
+from host.lowvram.prompt_cache import PromptCache, attach_prompt_cache, file_identity, shared_cache
 from models.z_image.facts_z_image import FACTS
 from tests.fixtures.pipelines import flat_pipeline
 

@@ -31,7 +31,7 @@ from host.registry import discover
 from host.session import HostConfig, Session
 from host.settings import MAX_TEXT_CHARS
 from host.tasks import RawTask, prepare_tasks, read_task_files
-from host.web_models import count_tokens
+from host.web.models import count_tokens
 from models.z_image.settings_z_image import GenerationSettings
 from tests.fixtures.host_env import cli_args, toy_env, write_json
 from tests.lora_fixtures import DIALECTS, NORMALIZER, random_lora, tiny_model

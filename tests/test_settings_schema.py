@@ -23,7 +23,7 @@ from host import settings as host_settings
 from host.outputs import read_settings
 from host.registry import DEFAULT_MODELS_ROOT, discover
 from host.session import Session
-from host.web_form import accepted_keys, form_fields, form_from_settings, settings_from_form
+from host.web.form import accepted_keys, form_fields, form_from_settings, settings_from_form
 from tests.fixtures.host_env import cli_args, toy_env, write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -326,7 +326,7 @@ def test_a_family_setting_becomes_a_form_field_and_a_setting(tmp_path: Path) -> 
 
 
 def test_the_form_shows_only_the_settings_the_model_type_takes(tmp_path: Path) -> None:
-    from host.web_events import WebApp
+    from host.web.events import WebApp
 
     plus = {"model": {"name": "Toy plus", "architecture": "toy_plus", "URLs": ["toy/toy_bf16.safetensors"]}}
     app = WebApp(Session(toy_env(tmp_path, presets={"toy_plus": plus})), None)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import ZImageTransformer2DModel
 
-from host import planner
+from host.lowvram import planner
 from models.z_image.loading_z_image import CONFIG_DIR
 from models.z_image.transformer_z_image import ZImageConfig, ZImageTransformer
 from models.z_image.z_image_handler import family_handler

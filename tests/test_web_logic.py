@@ -13,9 +13,8 @@ from common.errors import SettingsError
 from common.model_facts import LatentFormat
 from common.sampling import get_sigmas
 from host.outputs import save_image
-from host.preview import LatentPreviewer, latents_to_rgb, preview_interval
 from host.session import Session
-from host.web_form import (
+from host.web.form import (
     CUSTOM,
     RESOLUTION_GROUPS,
     accepted_keys,
@@ -31,7 +30,7 @@ from host.web_form import (
     settings_from_image,
     snap_size,
 )
-from host.web_models import (
+from host.web.models import (
     count_tokens,
     files_report,
     memory_plan,
@@ -40,7 +39,8 @@ from host.web_models import (
     negative_prompt_note,
     out_of_memory_advice,
 )
-from host.web_render import status_html
+from host.web.preview import LatentPreviewer, latents_to_rgb, preview_interval
+from host.web.render import status_html
 from tests.fixtures.host_env import toy_env, write_json
 
 # -- sizes ----------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from host.session import Session
-from host.web_queue import ABORTED, DONE, FAILED, GenerationWorker, wait_until_idle
-from host.web_render import progress_html, queue_html
+from host.web.queue import ABORTED, DONE, FAILED, GenerationWorker, wait_until_idle
+from host.web.render import progress_html, queue_html
 from tests.fixtures.host_env import TOY_FAMILY, toy_env
 
 pytest.importorskip("gradio", reason="the web UI needs gradio")
@@ -116,7 +116,7 @@ def test_clear_removes_waiting_jobs_only(tmp_path: Path) -> None:
 
 @pytest.fixture
 def app(tmp_path: Path) -> Any:
-    from host.web_events import WebApp
+    from host.web.events import WebApp
 
     web = WebApp(Session(toy_env(tmp_path)), tmp_path / "settings")
     web.c = {name: name for name in [*web.field_ids, "status", "family", "resolution", "page", "size_note"]}
@@ -127,7 +127,7 @@ def app(tmp_path: Path) -> Any:
 def _values(**overrides: Any) -> list[Any]:
     """The form's values in field order (the toy family's form, from its schema and the host's)."""
     from host.registry import discover
-    from host.web_form import form_fields
+    from host.web.form import form_fields
 
     form = {"model": "toy", "prompt": "a toy", "width": 32, "height": 32, "steps": 2, "guidance": 0, "seed": 3}
     form |= {"batch_size": 1, "quantization": "bf16", "profile": "auto", "attention": "auto", "output_format": "png"}
@@ -269,7 +269,7 @@ def test_a_dropped_file_that_is_not_our_image_gets_one_line_and_the_drop_area_re
 def test_load_set_reads_only_sets_in_the_lora_folders(tmp_path: Path) -> None:
     import argparse
 
-    from host.web_events import WebApp
+    from host.web.events import WebApp
 
     config = toy_env(tmp_path)
     config.lora_args = argparse.Namespace(lora_dir_toy=tmp_path / "loras" / "toy", loras=tmp_path / "loras")

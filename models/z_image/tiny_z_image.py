@@ -101,7 +101,7 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            noise = torch.randn(p.shape, generator=gen)
+            noise = torch.randn(p.shape, generator=gen, device="cpu")
             if p.ndim >= 2:
                 p.copy_(noise / math.sqrt(p[0].numel()))
             elif "norm" in name:

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from common.model_facts import DENOISER, ModelFacts
-from host import offload as offload_mod
-from host.guards import BlackImageGuard, compute_dtype
-from host.prompt_cache import PromptCacheTransform, file_identity
-from host.quantize import cpu_safe_int8, is_quantized, load_quanto, quantize_model, set_int8_dtype
+from host.device import compute_dtype
+from host.lowvram import offload as offload_mod
+from host.lowvram.guards import BlackImageGuard
+from host.lowvram.prompt_cache import PromptCacheTransform, file_identity
+from host.lowvram.quantize import cpu_safe_int8, is_quantized, load_quanto, quantize_model, set_int8_dtype
+from host.lowvram.vae_tiling import TilingOptions, VaeTilingTransform
 from host.transforms import Transform, TransformStack, component, hooks_of
-from host.vae_tiling import TilingOptions, VaeTilingTransform
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from common.errors import SettingsError
-from host.planner import format_table, plan_table, sizes_from_facts
+from host.lowvram.planner import format_table, plan_table, sizes_from_facts
 from host.session import Session
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -49,7 +49,7 @@ def plan_command(session: Session, args: argparse.Namespace) -> int:
 
 def save_quantized_command(session: Session, args: argparse.Namespace) -> int:
     """Load --model with int8 weights (quantizing on the fly when no int8 file) and save its transformer."""
-    from host.quantize import save_quantized
+    from host.lowvram.quantize import save_quantized
 
     if not args.model:
         print("error: --save-quantized needs --model (see --list-models)", file=sys.stderr)

@@ -16,9 +16,9 @@ from typing import Any
 
 from host import PROGRAM_NAME, __version__
 from host.session import HostConfig, Session
-from host.web_fields import field_rows
-from host.web_form import DEFAULT_SETTINGS_DIR
-from host.web_models import family_choices, family_of, model_choices, models_of_family
+from host.web.fields import field_rows
+from host.web.form import DEFAULT_SETTINGS_DIR
+from host.web.models import family_choices, family_of, model_choices, models_of_family
 
 DEFAULT_PORT = 7860
 POLL_S = 0.5
@@ -50,7 +50,7 @@ def serve(demo: Any, session: Session, host: str, port: int, share: bool = False
     import gradio as gr
 
     theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS)  # system fonts: no font download
-    from host.web_render import CSS
+    from host.web.render import CSS
 
     demo.queue(default_concurrency_limit=4)
     demo.launch(
@@ -76,7 +76,7 @@ def build_app(session: Session, settings_dir: Path | None = DEFAULT_SETTINGS_DIR
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    from host.web_events import WebApp
+    from host.web.events import WebApp
 
     app = WebApp(session, settings_dir)
     with gr.Blocks(title=PROGRAM_NAME, analytics_enabled=False) as demo:

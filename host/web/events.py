@@ -15,11 +15,11 @@ from typing import Any
 import gradio as gr
 
 from common.errors import UserInputError
-from host.lora_sets import list_lsets
+from host.lora.sets import list_lsets
 from host.outputs import read_settings
 from host.session import Session, Task
-from host.web_fields import field_updates, page_size_key
-from host.web_form import (
+from host.web.fields import field_updates, page_size_key
+from host.web.form import (
     CUSTOM,
     FormField,
     accepted_keys,
@@ -34,8 +34,8 @@ from host.web_form import (
     settings_from_image,
     snap_size,
 )
-from host.web_lora import LoraPanel
-from host.web_models import (
+from host.web.lora import LoraPanel
+from host.web.models import (
     count_tokens,
     detected_vram_gb,
     family_of,
@@ -50,8 +50,8 @@ from host.web_models import (
     out_of_memory_advice,
     tokenizer_folder,
 )
-from host.web_queue import GenerationWorker
-from host.web_render import download_bytes, progress_html, queue_html, status_html
+from host.web.queue import GenerationWorker
+from host.web.render import download_bytes, progress_html, queue_html, status_html
 
 log = logging.getLogger(__name__)
 

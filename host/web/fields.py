@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from host.settings import HOST_ONLY
-from host.web_form import FormField, resolution_choices
+from host.web.form import FormField, resolution_choices
 
 SMALL_KINDS = {"int", "float", "bool", "choice"}  # share a row with their neighbours
 IMAGE_HEIGHT = 220

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from host.web_queue import FILES, Job, Snapshot
+from host.web.queue import FILES, Job, Snapshot
 
 CSS = """
 #status .wgp-msg { padding: 8px 12px; border-radius: 6px; white-space: pre-wrap; font-size: 0.95em; }

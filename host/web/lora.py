@@ -11,10 +11,10 @@ from typing import Any
 import gradio as gr
 
 from common.errors import UserInputError
-from host.lora_sets import LoraSet, list_lsets, load_lset, resolve_lset, save_lset
+from host.lora.sets import LoraSet, list_lsets, load_lset, resolve_lset, save_lset
 from host.session import Session
-from host.web_models import lora_files, lora_folder, lora_reports
-from host.web_render import status_html
+from host.web.models import lora_files, lora_folder, lora_reports
+from host.web.render import status_html
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from common.errors import CheckpointError, SettingsError
 from host.lora import lora_root, parse_multipliers, resolve_lora
-from host.lora_sets import load_lset, resolve_lset
+from host.lora.sets import load_lset, resolve_lset
 
 
 @dataclass(frozen=True)

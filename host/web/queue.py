@@ -23,9 +23,9 @@ from PIL import Image
 
 from common.errors import GenerationCancelled, UserInputError
 from common.sampling import get_sigmas
-from host.preview import LatentPreviewer, preview_interval
 from host.progress import format_duration
 from host.session import Destination, Phase, Session, Task
+from host.web.preview import LatentPreviewer, preview_interval
 
 log = logging.getLogger(__name__)
 

@@ -252,7 +252,7 @@ def lora_reports(session: Session, preset: Preset, names: list[str], multipliers
 
 def memory_plan(preset: Preset, settings: Mapping[str, Any], vram_gb: float | None = None) -> str:
     """The planner's table for this model type and size (empty when the planner has no sizes for it)."""
-    from host.planner import format_table, plan_table, sizes_from_facts
+    from host.lowvram.planner import format_table, plan_table, sizes_from_facts
 
     sizes = sizes_from_facts(preset.facts)
     if sizes is None or preset.model_def.get("selftest"):
@@ -276,7 +276,7 @@ def detected_vram_gb() -> float | None:
 
 def out_of_memory_advice(preset: Preset, settings: Mapping[str, Any]) -> str:
     """What to change after an out-of-memory error: the planner's options that fit this GPU, if known."""
-    from host.planner import plan_table, sizes_from_facts
+    from host.lowvram.planner import plan_table, sizes_from_facts
 
     sizes, vram = sizes_from_facts(preset.facts), detected_vram_gb()
     generic = "lower the resolution or batch size, use int8 weights, or a lower-VRAM offload profile (advanced options)"

@@ -26,13 +26,13 @@ from safetensors import SafetensorError, safe_open
 
 from common.errors import CheckpointError, SettingsError
 from common.lora_delta import NormalizedLora
-from host.lora_apply import LoraRuntime, linear_shapes
-from host.lora_metadata import apply_adapter_metadata, read_adapter_metadata
+from host.lora.apply import LoraRuntime, linear_shapes
+from host.lora.metadata import apply_adapter_metadata, read_adapter_metadata
+from host.registry import REPO_ROOT
 from host.transforms import component, hooks_of
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LORA_ROOT = REPO_ROOT / "loras"
 LORA_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".bin", ".pth")

@@ -98,7 +98,7 @@ def apply_offload(
             log.info("running on %s: no offload (mmgp profiles apply to CUDA GPUs only), all parts stay in RAM", device)
             _LOGGED_CPU = True
         return OffloadHandle(None)
-    from host.mmgp_import import import_mmgp_offload
+    from host.lowvram.mmgp_import import import_mmgp_offload
 
     offload = import_mmgp_offload()
     names = list(components) if components is not None else list(pipe.components())

@@ -11,7 +11,7 @@ from typing import Any
 
 from common.errors import SettingsError
 from host.lora import lora_root, register_lora_root_arg
-from host.lora_merge import merge_main
+from host.lora.merge import merge_main
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
