@@ -246,7 +246,7 @@ def _report_failure(where: str, message: str) -> None:
 
 
 def launch_web(args: argparse.Namespace) -> int:
-    """The web UI (host/web.py), imported only when asked for."""
+    """The web UI (host/web/__init__.py), imported only when asked for."""
     from host import web
 
     return int(web.launch(args) or EXIT_OK)

@@ -33,7 +33,7 @@ SIZE_KEYS = ("width", "height")
 
 
 # The host's own settings, declared like a family's (common/settings_schema.py): the form shows them after
-# the family's, in this order. mmgp's memory profiles are host/offload.py PROFILES.
+# the family's, in this order. mmgp's memory profiles are host/lowvram/offload.py PROFILES.
 HOST_SPECS: tuple[SettingSpec, ...] = (
     SettingSpec("model_type", "text", None, "preset id (required), e.g. one listed by --list-models", group="hidden", cli=False),
     SettingSpec(

@@ -1,4 +1,4 @@
-"""Prompt cache keys (host/prompt_cache.py) through the real tiny pipeline: a cached embedding must be the one
+"""Prompt cache keys (host/lowvram/prompt_cache.py) through the real tiny pipeline: a cached embedding must be the one
 the text encoder would give for that prompt, that max_sequence_length and that encoder file.
 
 Each test compares what comes through the cache with the uncached encoder (`_encode_prompt`, the model's own encoder under the hooks),

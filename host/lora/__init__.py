@@ -2,8 +2,8 @@
 that applies LoRA files to a loaded model.
 
 Keys are normalised by the family (`handler.normalize_lora(state_dict, target_shapes)`, e.g.
-models/z_image/lora_z_image.py); applying is host/lora_apply.py; `.lset` files are host/lora_sets.py;
-the merge tool is host/lora_merge.py.
+models/z_image/lora_z_image.py); applying is host/lora/apply.py; `.lset` files are host/lora/sets.py;
+the merge tool is host/lora/merge.py.
 
 Folders: the root is `loras/` (`--loras DIR`); each family has its own (`handler.get_lora_dir`, e.g.
 `loras/z_image/`, `--lora-dir-z-image DIR`). Names resolve inside those folders only; a file elsewhere

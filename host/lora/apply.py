@@ -9,7 +9,7 @@ Two modes:
   restores them bit for bit. Float weights only, constant multipliers only.
 
 Under mmgp offload on CUDA, mmgp has its own LoRA machinery: `mmgp_state_dict` converts a normalised
-LoRA into the key set mmgp reads (the adapter point; see `host/offload.py`).
+LoRA into the key set mmgp reads (the adapter point; see `host/lowvram/offload.py`).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from common.errors import CheckpointError
 from common.lora_delta import NormalizedLora
 
 METADATA_KEY = "lora_adapter_metadata"
-COMPONENT = "transformer"  # the part LoRAs are applied to (host/lora.py applies to `model.transformer`)
+COMPONENT = "transformer"  # the part LoRAs are applied to (host/lora/__init__.py applies to `model.transformer`)
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,7 @@ def _needs_hooks(transform: Transform) -> bool:
 class Int8Transform:
     """int8 weights: the denoiser quantized on the fly (the Linears its facts name) when int8 is asked and
     no int8 file was loaded; every part's int8 layers compute in the compute dtype (on the CPU always fp32:
-    see host/quantize.py). Irreversible in place: the weights stay int8 until the model is reloaded."""
+    see host/lowvram/quantize.py). Irreversible in place: the weights stay int8 until the model is reloaded."""
 
     quantize: bool
     device: str

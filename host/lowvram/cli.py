@@ -43,7 +43,7 @@ def plan_command(session: Session, args: argparse.Namespace) -> int:
     vram = args.vram_gb if args.vram_gb is not None else _detected_vram_gb()
     title = f"{args.model} {width}x{height}, CFG {'on' if cfg else 'off'}, GPU {f'{vram:.1f} GB' if vram else 'none'}"
     print(format_table(plan_table(sizes, width, height, cfg, vram), title))
-    print("estimates from component and activation sizes (see host/planner.py); CUDA figures not yet measured")
+    print("estimates from component and activation sizes (see host/lowvram/planner.py); CUDA figures not yet measured")
     return EXIT_OK
 
 

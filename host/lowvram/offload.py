@@ -111,7 +111,7 @@ def apply_offload(
     select_gpu(device)
     previous = torch.get_default_device()
     try:
-        # Quantization is our own transform (host/quantize.py), applied before: mmgp must not quantize
+        # Quantization is our own transform (host/lowvram/quantize.py), applied before: mmgp must not quantize
         # again. mmgp turns every fp32 weight left into `convertWeightsFloatTo` (bf16 by default): the
         # compute dtype keeps an fp32 choice fp32 (GPUs without bf16) and casts nothing in bf16.
         manager = offload.profile(

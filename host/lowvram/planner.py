@@ -79,7 +79,7 @@ CUDA_CONTEXT_GB = 0.6  # the CUDA context and cuBLAS workspaces (outside torch's
 # the SwiGLU hidden (w1, w3, product) live together in a block: ~ (10*dim + 3*hidden) elements.
 ACT_DIM_FACTOR, ACT_HIDDEN_FACTOR = 10, 3
 # The VAE decodes in tiles of TILE_LATENT latent pixels above TILED_ABOVE_LATENT per side (the defaults
-# of host/vae_tiling.py).
+# of host/lowvram/vae_tiling.py).
 TILED_ABOVE_LATENT, TILE_LATENT = 128, 64
 STREAM_BUDGET_MB = {2: (1200, 3000), 4: (1200, 3000), 5: (400, 3000)}  # (transformer, other parts)
 PROFILES = (1, 2, 3, 4, 5)

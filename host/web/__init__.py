@@ -1,7 +1,7 @@
 """The web UI (Gradio): `python wgp.py` serves it on http://127.0.0.1:7860.
 
 The page is up before any model loads; the first generation checks and downloads the files and loads
-the model, with its own progress. Tasks go to a queue (host/web_queue.py) run by one worker thread with
+the model, with its own progress. Tasks go to a queue (host/web/queue.py) run by one worker thread with
 the same session calls as the CLI (prepare -> run -> save), so images are saved exactly as the CLI saves
 them. The page polls the worker twice a second. Layout here; form logic in web_form.py, model facts in
 web_models.py, HTML in web_render.py; the handlers live in web_events.py.
@@ -181,7 +181,7 @@ def _results_panel(gr: Any, c: dict[str, Any]) -> None:
     with gr.Row():
         c["use_settings"] = gr.Button("Use these settings", elem_id="use_settings", scale=1)
         # No file_types: Gradio would refuse other files before the handler runs, leaving the area on "Error";
-        # the handler reads any file and answers in one line (host/web_events.py on_drop).
+        # the handler reads any file and answers in one line (host/web/events.py on_drop).
         c["settings_drop"] = gr.File(
             label="Drop a PNG/JPEG/WebP to use its settings",
             elem_id="settings_drop",

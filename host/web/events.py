@@ -1,4 +1,4 @@
-"""The web UI's event handlers: what each button and field does. Layout is in host/web.py.
+"""The web UI's event handlers: what each button and field does. Layout is in host/web/__init__.py.
 
 Handlers return `{component: update}` dicts so each one touches only what it changes. A user's mistake
 (a UserInputError: bad settings, missing files, a broken image or LoRA) becomes a message in `#status` or

@@ -1,4 +1,4 @@
-"""The generation form's inputs, built from the settings schemas (host/web_form.py `form_fields`).
+"""The generation form's inputs, built from the settings schemas (host/web/form.py `form_fields`).
 
 Each setting's kind picks its component: text -> a text box (a dropdown of suggestions where the spec lists
 some), int/float -> a number box with the spec's bounds, bool -> a checkbox, choice -> a dropdown, size -> the
@@ -57,7 +57,7 @@ def _input(gr: Any, c: dict[str, Any], field: FormField) -> None:
         c[fid] = gr.Dropdown(list(spec.choices), allow_custom_value=True, **common)
     elif spec.kind == "text":
         c[fid] = gr.Textbox(lines=spec.lines, **common)
-        if fid == "prompt":  # the token counter sits under the prompt (host/web_events.py on_tokens)
+        if fid == "prompt":  # the token counter sits under the prompt (host/web/events.py on_tokens)
             c["token_count"] = gr.Markdown("", elem_id="token_count")
     elif spec.kind in ("int", "float"):
         bounds = {"minimum": spec.minimum, "maximum": spec.maximum}

@@ -1,6 +1,6 @@
 """The web UI's LoRA panel: the family folder's files, load reports, multipliers and `.lset` sets.
 
-A mixin of host/web_events.py's WebApp (it uses `self.session` and `self.c`).
+A mixin of host/web/events.py's WebApp (it uses `self.session` and `self.c`).
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ class ZImageHandler:
         from models.z_image import loading_z_image
         from models.z_image.pipeline_z_image import LoadOptions, ZImagePipeline
 
-        if options.get("quantized_loader") is not None:  # the host's int8 quanto reader (host/quantize.py)
+        if options.get("quantized_loader") is not None:  # the host's int8 quanto reader (host/lowvram/quantize.py)
             loading_z_image.register_quantized_loader(options["quantized_loader"])
         load = LoadOptions(
             device=options["device"], dtype=options["dtype"], keep_text_encoder=options.get("keep_text_encoder", True)
