@@ -7,7 +7,7 @@ pixel difference, and the fraction of this machine's fp32 matmul rate the transf
 (the reference of bench/rates.py, shared with bench_transformer.py).
 
     .venv/bin/python bench/bench_engine.py                   # CPU, fp32, mid config
-    .venv/bin/python bench/bench_engine.py --fraction-only   # only the matmul-rate fraction (about a minute)
+    .venv/bin/python bench/bench_engine.py --fraction-only   # only the matmul-rate fraction (1-2 minutes)
 
 CPU and fp32 only. The full-size 6B check on a CUDA GPU is bench/bench_transformer.py (one transformer step,
 ours vs diffusers on the same tensors).
