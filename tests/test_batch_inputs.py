@@ -101,6 +101,8 @@ def test_json_list_and_jsonl_rows_and_their_errors(tmp_path: Path) -> None:
     assert rows[0].settings == {"model_type": "toy", "prompt": "x"} and "a task is a JSON object" in str(rows[1].error)
     rows = read_rows(_write(tmp_path / "b.jsonl", '{"prompt": "x"}\n\n{"prompt": \n'))
     assert [r.number for r in rows] == [1, 3] and "b.jsonl line 3: not valid JSON" in str(rows[1].error)
+    rows = read_rows(_write(tmp_path / "c.jsonl", '{"prompt": "a\u2028b"}\r\n{"prompt": "c"}\n'))  # a raw U+2028 in a string
+    assert [(r.number, r.settings["prompt"], r.error) for r in rows] == [(1, "a\u2028b", None), (2, "c", None)]
 
 
 @pytest.mark.parametrize(

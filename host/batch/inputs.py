@@ -131,7 +131,8 @@ def _json_rows(path: Path, text: str) -> list[Row]:
 
 def _jsonl_rows(path: Path, text: str) -> list[Row]:
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON text may hold U+2028 and friends
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         where = f"{path.name} line {number}"

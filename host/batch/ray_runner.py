@@ -48,9 +48,6 @@ class BatchWorker:
         self.session = Session(config)
         self.name = worker_name()
 
-    def pid(self) -> int:
-        return os.getpid()
-
     def run_chunk(self, specs: list[TaskSpec]) -> list[TaskOutcome]:
         """Run each task of a chunk; failures are outcomes, never exceptions."""
         return [execute(self.session, spec, worker=self.name) for spec in specs]
@@ -168,6 +165,10 @@ def _dispatch(ray: ModuleType, actors: list[Any], chunks: list[list[BatchItem]],
             load[index] -= 1
         try:
             outcomes = ray.get(ref)
+        except ray.exceptions.ActorUnavailableError:  # restarting, or unreachable for a moment: send the chunk again
+            queue.appendleft(chunk)
+            fill()
+            continue
         except ray.exceptions.RayActorError as exc:  # restarted MAX_RESTARTS times already: it is gone
             load.pop(index, None)
             log.warning("Ray worker %d is gone (%s); its tasks go to the others", index, str(exc).splitlines()[0])
