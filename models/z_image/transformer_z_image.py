@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.attention import attention
+from common.nag import NAGOptions, normalized_attention_guidance
 
 SEQ_MULTIPLE = 32  # caption and image token counts are each padded up to a multiple of this
 ADALN_DIM = 256  # width of the conditioning vector c (min(dim, 256))
@@ -131,13 +132,41 @@ class Attention(nn.Module):
         self.norm_q = RMSNorm(cfg.head_dim, eps=1e-5)  # one weight shared by all heads
         self.norm_k = RMSNorm(cfg.head_dim, eps=1e-5)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        key_mask: torch.Tensor | None,
+        nag: NAGRows | None = None,
+    ) -> torch.Tensor:
         q = self.norm_q(self.to_q(x).unflatten(-1, (self.n_heads, -1)))  # (B, L, h, d)
         k = self.norm_k(self.to_k(x).unflatten(-1, (self.n_heads, -1)))
         v = self.to_v(x).unflatten(-1, (self.n_heads, -1))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = attention(q, k, v, key_mask).flatten(2)  # (B, L, D)
+        if nag is not None:
+            out = nag(out)
         return self.to_out[0](out)
+
+
+@dataclass(frozen=True)
+class NAGRows:
+    """NAG (common/nag.py) in Z-Image's single stream. The batch is [positive items ; negative items]: the same
+    latents, each half with its own caption. Z-Image has no separate text stream, so, as the NAG paper does in
+    Flux's single-stream blocks, the image tokens are one state shared by both branches: at each main layer
+    A+ / A- are the attention outputs (before the output projection) of the image tokens (the first `n_img`
+    of each row) with the positive / negative caption as context, the guided result replaces the image rows
+    of both halves (the forward gives both halves the positive half's image tokens before the main layers, so
+    they stay equal), and each caption's own tokens keep their unguided output."""
+
+    options: NAGOptions
+    n_img: int  # image tokens at the start of each row, pads included
+
+    def __call__(self, out: torch.Tensor) -> torch.Tensor:
+        """out: (2B, L, D) attention outputs -> the same with the image rows guided."""
+        B = out.shape[0] // 2
+        guided = normalized_attention_guidance(out[:B, : self.n_img], out[B:, : self.n_img], self.options)  # (B, Np, D)
+        return torch.cat([guided.repeat(2, 1, 1), out[:, self.n_img :]], dim=1)
 
 
 class FeedForward(nn.Module):
@@ -176,13 +205,14 @@ class TransformerBlock(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         key_mask: torch.Tensor | None,
         c: torch.Tensor | None = None,
+        nag: NAGRows | None = None,
     ) -> torch.Tensor:
         if not self.modulation:
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, key_mask))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
         mod = self.adaLN_modulation(c).unsqueeze(1)  # (B, 1, 4D)
         scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=-1)
-        attn_out = self.attention(self.attention_norm1(x) * (1 + scale_msa), rope, key_mask)
+        attn_out = self.attention(self.attention_norm1(x) * (1 + scale_msa), rope, key_mask, nag)
         x = x + gate_msa.tanh() * self.attention_norm2(attn_out)
         ffn_out = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp))
         return x + gate_mlp.tanh() * self.ffn_norm2(ffn_out)
@@ -323,15 +353,29 @@ class ZImageTransformer(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
 
-    def forward(self, latents: torch.Tensor, t: torch.Tensor, captions: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        captions: list[torch.Tensor],
+        nag: NAGOptions | None = None,
+        t_target: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """latents: (B, C, H, W); t: (B,) with t = 1 - sigma (0 = pure noise); captions: B tensors
         (Li, cap_feat_dim). Returns (B, C, H, W) in the model dtype: x0 - noise (the negated velocity).
+
+        nag: the batch is [positive ; negative] (same latents and t, B even) and the image tokens are guided
+        away from the negative captions (NAGRows); both halves of the output are then equal.
+        t_target: (B,) TwinFlow's second timestep, same convention as t (`target_time_embedding`).
         """
         cfg = self.config
         B, _, H, W = latents.shape
         c = self.t_embedder(t * cfg.t_scale)  # (B, adaln)
+        if t_target is not None:
+            c = c + self.target_time_embedding(t, t_target)
 
         img, n_img = self.embed_image(latents)  # (B, Np, D)
+        nag_rows = NAGRows(nag, img.shape[1]) if nag is not None else None
         cap, cap_lengths, cap_mask = self.embed_captions(captions)  # (B, Lc, D)
         img_pos, cap_pos = self.positions(cap_lengths, n_img, img.shape[1], W // cfg.all_patch_size[0], cap.shape[1], latents.device)
         img_rope = rope_angles(img_pos, cfg.axes_dims, cfg.rope_theta)
@@ -342,6 +386,8 @@ class ZImageTransformer(nn.Module):
         for block in self.context_refiner:  # caption tokens only, unmodulated
             cap = block(cap, cap_rope, cap_mask)
 
+        if nag_rows is not None:  # one image state for both branches (see NAGRows), bit-equal from here on
+            img = img[: B // 2].repeat(2, 1, 1)
         # Unified sequence [image ; caption]: image lengths are equal across the batch, so the
         # caption batch padding lands at the end of each row and one mask covers it.
         x = torch.cat([img, cap], dim=1)
@@ -351,7 +397,15 @@ class ZImageTransformer(nn.Module):
         if cap_mask is not None:
             mask = torch.cat([cap_mask.new_ones(B, x.shape[1] - cap_mask.shape[1]), cap_mask], dim=1)
         for block in self.layers:
-            x = block(x, rope, mask, c)
+            x = block(x, rope, mask, c, nag_rows)
 
         out = self.all_final_layer[cfg.patch_key](x[:, :n_img], c)  # only real image tokens are kept
         return self.unpatchify(out, H, W)
+
+    def target_time_embedding(self, t: torch.Tensor, t_target: torch.Tensor) -> torch.Tensor:
+        """TwinFlow (arXiv 2512.05150) conditions a few-step model on where a step should land as well: the
+        embedding of the gap to the target time, scaled by its size, t_embedder((t_target - t) * 1000) *
+        |t - t_target|, added to the time embedding (zero when t_target == t). t, t_target: (B,) -> (B, adaln)."""
+        gap = t_target.float() - t.float()  # fp32, like t: the sinusoid needs the exact value
+        emb = self.t_embedder(gap * self.config.t_scale)
+        return emb * gap.abs()[:, None].to(emb.dtype)
