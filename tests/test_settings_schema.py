@@ -100,6 +100,9 @@ ZIMAGE_TURBO = {
     "cfg_normalization": False,
     "cfg_truncation": 1.0,
     "max_sequence_length": 512,
+    "image_start": None,  # image-to-image and inpainting (issue 11 item 1)
+    "image_mask": None,
+    "denoising_strength": 0.6,
 }
 
 
@@ -296,7 +299,8 @@ def test_docs_tables_list_a_family_setting_the_host_never_heard_of(tmp_path: Pat
 
 OLD_FORM = (  # host/web_form.py FORM_FIELDS before the schema: the Z-Image page's inputs, in page order
     "model prompt negative_prompt width height steps guidance flow_shift seed batch_size cfg_normalization "
-    "cfg_truncation max_tokens quantization profile attention output_format loras loras_multipliers"
+    "cfg_truncation max_tokens image_start image_mask denoising_strength quantization profile attention output_format "
+    "loras loras_multipliers"
 ).split()
 
 

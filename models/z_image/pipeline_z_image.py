@@ -91,6 +91,7 @@ class GenerationResult:
 
 StepCallback = Callable[[StepEvent], None]
 BeforeStepCallback = Callable[[int, int], None]
+AfterStepFn = Callable[[int, torch.Tensor], torch.Tensor]  # (0-based step, latents) -> latents
 
 
 class ZImagePipeline:
@@ -200,9 +201,7 @@ class ZImagePipeline:
     @staticmethod
     def prepare_latents(batch: int, width: int, height: int, seed: int, vae_factor: int = VAE_FACTOR) -> torch.Tensor:
         """fp32 noise from a CPU generator, so a seed gives the same image on any device."""
-        generator = torch.Generator("cpu").manual_seed(seed)
-        shape = (batch, LATENT_CHANNELS, height // vae_factor, width // vae_factor)
-        return torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu")
+        return draw_noise(torch.Generator("cpu").manual_seed(seed), batch, width, height, vae_factor)
 
     # -- 3. denoise -----------------------------------------------------------------------------
 
@@ -269,43 +268,97 @@ class ZImagePipeline:
     ) -> GenerationResult:
         s = settings if isinstance(settings, GenerationSettings) else GenerationSettings.from_dict(dict(settings))
         self.check_size(s.width, s.height)
-        seed = s.seed if s.seed >= 0 else secrets.randbelow(2**32)
-        guidance = Guidance(s.guidance_scale, s.cfg_normalization, s.cfg_truncation)
-        timings: dict[str, float] = {}
+        if s.image_start is not None or s.image_mask is not None:  # a sibling variant, same steps
+            from models.z_image.pipeline_z_image_img2img import generate_from_image
 
+            return generate_from_image(self, s, on_step, before_step)
+        seed = resolve_seed(s.seed)
+        timings: dict[str, float] = {}
+        prompts = self.encode_prompts(s, timings)
+        latents = self.prepare_latents(s.batch_size, s.width, s.height, seed, self.vae_scale_factor).to(self.device)
+        sigmas = get_sigmas(s.num_inference_steps, s.flow_shift)
+        latents = self.denoise_latents(latents, sigmas, s, prompts, timings, on_step, before_step)
+        return self.finish(latents, seed, s, prompts, timings)
+
+    # -- the steps every variant (text-to-image, image-to-image, inpainting) calls -------------------
+
+    def encode_prompts(self, s: GenerationSettings, timings: dict[str, float]) -> Prompts:
+        """The positive prompt, and the negative one when guidance is on; the text encoder freed after
+        when it is loaded on demand."""
         start = time.perf_counter()
         pos = self.encode_prompt(s.prompt, s.max_sequence_length)
         neg = self.encode_prompt(s.negative_prompt, s.max_sequence_length) if s.uses_guidance else None
         if self.load_text_encoder is not None:
             self.text_encoder = None  # loaded on demand: do not keep it beside the transformer
         timings["text_encoding_s"] = time.perf_counter() - start
+        return Prompts(pos, neg)
 
-        latents = self.prepare_latents(s.batch_size, s.width, s.height, seed, self.vae_scale_factor).to(self.device)
-        sigmas = get_sigmas(s.num_inference_steps, s.flow_shift).to(self.device)
-        pos_list = [pos.embeds] * s.batch_size
-        neg_list = [neg.embeds] * s.batch_size if neg is not None else []
+    def denoise_latents(
+        self,
+        latents: torch.Tensor,
+        sigmas: torch.Tensor,
+        s: GenerationSettings,
+        prompts: Prompts,
+        timings: dict[str, float],
+        on_step: StepCallback | None,
+        before_step: BeforeStepCallback | None,
+        after_step: AfterStepFn | None = None,
+    ) -> torch.Tensor:
+        """Run the steps of `sigmas` ((steps + 1,), ending at 0) from `latents` (B, 16, h, w) at sigmas[0].
 
+        `after_step(step, latents) -> latents` may change the latents after each step (inpainting puts the
+        known region back); progress and hooks count the steps of this run.
+        """
+        guidance = Guidance(s.guidance_scale, s.cfg_normalization, s.cfg_truncation)
+        pos_list = [prompts.pos.embeds] * s.batch_size
+        neg_list = [prompts.neg.embeds] * s.batch_size if prompts.neg is not None else []
+        total = len(sigmas) - 1
         start = time.perf_counter()
 
         def velocity(x: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
-            self.hooks.before_step(step, s.num_inference_steps)
+            self.hooks.before_step(step, total)
             if before_step is not None:
-                before_step(step, s.num_inference_steps)
+                before_step(step, total)
             return self.velocity(x, sigma, pos_list, neg_list, guidance)
 
         def step_done(step: int, x: torch.Tensor) -> None:
             if on_step is not None:
-                on_step(StepEvent(step + 1, s.num_inference_steps, time.perf_counter() - start, x))
+                on_step(StepEvent(step + 1, total, time.perf_counter() - start, x))
 
-        latents = denoise(latents, sigmas, velocity, step_done)
+        latents = denoise(latents, sigmas.to(self.device), velocity, step_done, after_step)
         timings["denoise_s"] = time.perf_counter() - start
-        timings["s_per_it"] = timings["denoise_s"] / s.num_inference_steps
+        timings["s_per_it"] = timings["denoise_s"] / total
         check_finite(latents)
+        return latents
 
+    def finish(
+        self, latents: torch.Tensor, seed: int, s: GenerationSettings, prompts: Prompts, timings: dict[str, float]
+    ) -> GenerationResult:
+        """Decode the denoised latents into the result."""
         start = time.perf_counter()
         images = self.decode(latents)
         timings["vae_decode_s"] = time.perf_counter() - start
-        return GenerationResult(images, seed, s, pos.tokens, pos.truncated, timings)
+        return GenerationResult(images, seed, s, prompts.pos.tokens, prompts.pos.truncated, timings)
+
+
+@dataclass
+class Prompts:
+    """The encoded prompts of one generation (neg: None when guidance is off)."""
+
+    pos: EncodedPrompt
+    neg: EncodedPrompt | None
+
+
+def draw_noise(generator: torch.Generator, batch: int, width: int, height: int, vae_factor: int) -> torch.Tensor:
+    """(batch, 16, height / f, width / f) fp32 noise, drawn on the CPU from `generator` (where the draw
+    comes in a variant's sequence of draws matters: image-to-image samples the VAE first)."""
+    shape = (batch, LATENT_CHANNELS, height // vae_factor, width // vae_factor)
+    return torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu")
+
+
+def resolve_seed(seed: int) -> int:
+    """-1 -> a random seed (reported in the result), otherwise the seed itself."""
+    return seed if seed >= 0 else secrets.randbelow(2**32)
 
 
 def drop_unused_text_layers(text_encoder: Any) -> Any:

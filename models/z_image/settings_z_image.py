@@ -55,6 +55,23 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "max_sequence_length", "int", 512, "prompt tokens the text encoder reads (longer prompts are cut)",
         minimum=1, maximum=MAX_TOKENS, group="advanced", flag="max_tokens", label="Max prompt tokens",
     ),
+    # Image-to-image and inpainting (models/z_image/pipeline_z_image_img2img.py); no image: text-to-image.
+    SettingSpec(
+        "image_start", "image", None,
+        "start image for image-to-image (with image_mask: the picture to repaint); stretched to the chosen resolution",
+        group="image", label="Start image",
+    ),
+    SettingSpec(
+        "image_mask", "image", None,
+        "inpainting mask over image_start: white = repaint, black = keep; stretched to the chosen resolution",
+        group="image", label="Inpainting mask (white = repaint)",
+    ),
+    SettingSpec(
+        "denoising_strength", "float", 0.6,
+        "with image_start: how much is repainted; 1 starts from pure noise and runs every step, lower keeps more "
+        "of the image and runs about steps x strength steps",
+        minimum=0, maximum=1, group="image", label="Denoising strength", step=0.05,
+    ),
 )
 SPECS = by_name(SETTINGS)
 
@@ -73,6 +90,9 @@ class GenerationSettings:
     cfg_normalization: float = 0.0
     cfg_truncation: float = 1.0
     max_sequence_length: int = 512
+    image_start: Any = None  # PIL image or image file path (None: text-to-image)
+    image_mask: Any = None  # PIL image or image file path (None: no inpainting)
+    denoising_strength: float = 0.6
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> GenerationSettings:
