@@ -6,6 +6,7 @@ Skipped, with the reason, only when Chromium is not installed (`make test` insta
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -382,6 +383,51 @@ def test_two_tabs_each_see_their_own_jobs(browser: object, server: Server) -> No
         expect(one.locator("#image_settings")).to_contain_text('"seed": 78')
     finally:
         context.close()
+
+
+# -- issue 11 item 1: image-to-image and inpainting on the self-test model ------------------------------
+
+
+def _upload(page: object, elem_id: str, path: Path) -> None:
+    page.set_input_files(f"#{elem_id} input[type=file]", str(path))
+    expect(page.locator(f"#{elem_id} img")).to_have_count(1)  # the upload shows
+
+
+def _generate_from_images(page: object, server: Server, seed: int, strength: str, **images: Path) -> dict:
+    """Upload `images` (setting -> file), generate with `strength`; the saved file's settings."""
+    use_selftest(page)
+    expect(page.locator("#image_start")).to_be_visible()
+    expect(page.locator("#denoising_strength input")).to_have_value("0.6")  # the default with an image
+    for elem_id, path in images.items():
+        _upload(page, elem_id, path)
+    set_field(page, "denoising_strength", strength)
+    set_field(page, "seed", str(seed))
+    page.click("#generate")
+    expect(page.locator("#gallery img")).to_have_count(1, timeout=RUN_TIMEOUT_MS)
+    wait_status(page, f"seed {seed}")
+    [path] = saved(server, seed)
+    settings = json.loads(Image.open(path).info["wgp_settings"])
+    assert settings["denoising_strength"] == float(strength)
+    assert "vae_encode_s" in settings["generation_info"]["timings"]  # the start image was encoded
+    for elem_id, source in images.items():
+        assert settings["generation_info"]["inputs"][elem_id]["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    return settings
+
+
+def test_image_to_image_uploads_a_start_image_and_shows_the_result(page: object, server: Server, tmp_path: Path) -> None:
+    start = tmp_path / "start.png"
+    Image.new("RGB", (48, 80), (30, 140, 220)).save(start)  # another size than the 64x64 output: stretched
+    settings = _generate_from_images(page, server, 2101, "0.5", image_start=start)
+    assert "image_mask" not in settings["generation_info"]["inputs"]
+
+
+def test_inpainting_uploads_an_image_and_a_mask_and_shows_the_result(page: object, server: Server, tmp_path: Path) -> None:
+    start, mask = tmp_path / "start.png", tmp_path / "mask.png"
+    Image.new("RGB", (64, 64), (200, 60, 20)).save(start)
+    pixels = Image.new("L", (32, 32), 0)
+    pixels.paste(255, (16, 0, 32, 32))  # repaint the right half
+    pixels.save(mask)
+    _generate_from_images(page, server, 2102, "1", image_start=start, image_mask=mask)
 
 
 def _contains(text: str) -> object:
