@@ -411,6 +411,7 @@ def _generate_from_images(page: object, server: Server, seed: int, strength: str
     assert "vae_encode_s" in settings["generation_info"]["timings"]  # the start image was encoded
     for elem_id, source in images.items():
         assert settings["generation_info"]["inputs"][elem_id]["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    _screenshot(page, REPO_ROOT / "docs" / ("inpainting.png" if "image_mask" in images else "image_to_image.png"))
     return settings
 
 
@@ -422,10 +423,14 @@ def test_image_to_image_uploads_a_start_image_and_shows_the_result(page: object,
 
 
 def test_inpainting_uploads_an_image_and_a_mask_and_shows_the_result(page: object, server: Server, tmp_path: Path) -> None:
+    from PIL import ImageDraw
+
     start, mask = tmp_path / "start.png", tmp_path / "mask.png"
-    Image.new("RGB", (64, 64), (200, 60, 20)).save(start)
-    pixels = Image.new("L", (32, 32), 0)
-    pixels.paste(255, (16, 0, 32, 32))  # repaint the right half
+    picture = Image.new("RGB", (64, 64), (40, 90, 160))
+    ImageDraw.Draw(picture).ellipse((8, 8, 40, 40), fill=(240, 200, 40))
+    picture.save(start)
+    pixels = Image.new("L", (32, 32), 0)  # another size than the image: stretched
+    ImageDraw.Draw(pixels).ellipse((4, 4, 20, 20), fill=255)  # repaint the yellow disc
     pixels.save(mask)
     _generate_from_images(page, server, 2102, "1", image_start=start, image_mask=mask)
 
@@ -436,13 +441,13 @@ def _contains(text: str) -> object:
     return re.compile(re.escape(text))
 
 
-def _screenshot(page: object) -> None:
-    """The README's picture of the main page: written when missing (or with WGP_UPDATE_SCREENSHOT=1)."""
+def _screenshot(page: object, path: Path = SCREENSHOT) -> None:
+    """A README picture of the page: written when missing (or with WGP_UPDATE_SCREENSHOT=1)."""
     image = page.screenshot(full_page=True)
     assert len(image) > 10_000
-    if not SCREENSHOT.exists() or os.environ.get("WGP_UPDATE_SCREENSHOT") == "1":
-        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        SCREENSHOT.write_bytes(image)
+    if not path.exists() or os.environ.get("WGP_UPDATE_SCREENSHOT") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(image)
 
 
 # -- issue 10 item 1: a family's own settings, an image input among them, with no host change ------------
