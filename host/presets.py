@@ -195,7 +195,8 @@ def _check_model_block(block: Mapping[str, Any], family_keys: set[str], where: s
         if isinstance(value, bool) and bool not in types or not isinstance(value, types):
             wanted = " or ".join(t.__name__ for t in types)
             raise PresetError(f"{where}: model.{key} must be {wanted} ({MODEL_KEYS[key][1]}), got {value!r}")
-        if isinstance(value, list) and key != "loras_multipliers" and not all(isinstance(v, str) for v in value):
+        # The family checks the keys it adds (query_model_def), e.g. Wan2GP's "modules": [[bf16, int8]].
+        if key in MODEL_KEYS and isinstance(value, list) and key != "loras_multipliers" and not all(isinstance(v, str) for v in value):
             raise PresetError(f"{where}: model.{key} must be a list of strings, got {value!r}")
 
 

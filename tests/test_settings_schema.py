@@ -277,7 +277,7 @@ def test_a_family_setting_gets_its_flag_with_no_host_change(tmp_path: Path, caps
 def test_readme_settings_tables_are_current() -> None:
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     tables = settings_doc.settings_tables(discover(DEFAULT_MODELS_ROOT))
-    assert "| `num_inference_steps` | `--steps` | integer | `8` (`z_image`), `30` (`z_image_base`) |" in tables
+    assert "| `num_inference_steps` | `--steps` | integer | `8` (`z_image`), `30` (`z_image_base`), `8` (`z_image_control`)" in tables
     current = settings_doc.replace_between_markers(readme, tables, "README.md")
     assert current == readme, "the README's settings tables are stale: run `python -m host.settings_doc --write README.md`"
 
@@ -299,7 +299,8 @@ def test_docs_tables_list_a_family_setting_the_host_never_heard_of(tmp_path: Pat
 
 OLD_FORM = (  # host/web_form.py FORM_FIELDS before the schema: the Z-Image page's inputs, in page order
     "model prompt negative_prompt width height steps guidance flow_shift seed batch_size cfg_normalization "
-    "cfg_truncation max_tokens image_start image_mask denoising_strength quantization profile attention output_format "
+    "cfg_truncation max_tokens image_start image_mask denoising_strength image_guide control_preprocess control_net_weight "
+    "quantization profile attention output_format "
     "loras loras_multipliers"
 ).split()
 

@@ -7,7 +7,9 @@ the architecture's (the host shows no memory plan for self-test presets).
 
 from __future__ import annotations
 
-from common.model_facts import DECODER, DENOISER, TEXT_ENCODER, ComponentFacts, LatentFormat, ModelFacts
+from dataclasses import replace
+
+from common.model_facts import AUXILIARY, DECODER, DENOISER, TEXT_ENCODER, ComponentFacts, LatentFormat, ModelFacts
 
 # The repeated blocks (`layers.N.`) of both the transformer and the Qwen3 text encoder: the bulk of the
 # parameters. Embedders, refiners, the final layer and norms stay in full precision (they are small and
@@ -60,3 +62,27 @@ FACTS = ModelFacts(
     decode_bytes_per_pixel=4200,
 )
 
+
+# ControlNet Union (models/z_image/controlnet_z_image.py), beside the transformer: its repeated blocks
+# (`control_layers.K.`, `control_noise_refiner.R.`) are the int8 layers of Wan2GP's int8 module files and of
+# on-the-fly quantization; the control embedder stays in full precision. Per block (dim 3840, FFN 10240):
+# 4*3840^2 + 3*3840*10240 + 256*4*3840 + 3840^2 (after_proj) Linear weights, plus one before_proj per chain.
+# Counts of the released configs (controlnet_z_image.RELEASED), checked by building them on the meta device:
+# v1: 6 control blocks + 2 plain refiner blocks; v2.0: 15 control blocks; v2.1: 15 + 2 control blocks.
+CONTROL_BLOCKS = r"^(control_layers|control_noise_refiner)\.\d+\."
+CONTROLNET_PARAMS = {  # version -> (parameters, int8 parameters)
+    "v1": (1_550_778_368, 1_550_254_080),
+    "v2.0": (2_950_156_800, 2_949_120_000),
+    "v2.1": (3_356_225_792, 3_355_115_520),
+}
+
+
+def controlnet_facts(version: str) -> ModelFacts:
+    """A ControlNet model type's facts: the Z-Image parts plus `controlnet` (role auxiliary), which runs
+    before the transformer at every step (so it comes first in the run order)."""
+    params, int8_params = CONTROLNET_PARAMS[version]
+    controlnet = ComponentFacts(
+        "controlnet", AUXILIARY, params, int8_params, CONTROL_BLOCKS, hidden=3840, ffn_hidden=10240
+    )
+    text_encoder, transformer, vae = FACTS.components
+    return replace(FACTS, components=(text_encoder, controlnet, transformer, vae))

@@ -214,15 +214,20 @@ class ZImagePipeline:
         x = latents.to(self.transformer.dtype)
         t = torch.full((B,), 1.0 - sigma, dtype=torch.float32, device=latents.device)
         if scale == 0:
-            out = self.transformer(x, t, pos).float()
+            out = self.predict(x, t, pos).float()
         elif self.batch_cfg:
-            both = self.transformer(torch.cat([x, x]), torch.cat([t, t]), pos + neg).float()
+            both = self.predict(torch.cat([x, x]), torch.cat([t, t]), pos + neg).float()
             out = apply_guidance(both[:B], both[B:], scale, guidance.normalization)
         else:
-            out_pos = self.transformer(x, t, pos).float()
-            out_neg = self.transformer(x, t, neg).float()
+            out_pos = self.predict(x, t, pos).float()
+            out_neg = self.predict(x, t, neg).float()
             out = apply_guidance(out_pos, out_neg, scale, guidance.normalization)
         return -out  # model output is x0 - noise; the flow velocity is noise - x0
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, captions: list[torch.Tensor], **inputs: Any) -> torch.Tensor:
+        """One transformer evaluation: (B, 16, h, w) latents, (B,) t, B captions -> raw output (x0 - noise).
+        A variant with extra inputs (the ControlNet's residuals) adds them here, around the same call."""
+        return self.transformer(x, t, captions, **inputs)
 
     # -- 4. decode ------------------------------------------------------------------------------
 

@@ -174,8 +174,9 @@ def write_diffusers_layout(folder: Path, seed: int = 0, config: ZImageConfig = T
     return folder
 
 
-def write_flat_layout(folder: Path, seed: int = 0) -> dict[str, Path]:
-    """Write a tiny model under the DeepBeepMeep/Z-Image file names; returns role -> path.
+def write_flat_layout(folder: Path, seed: int = 0, config: ZImageConfig = TINY_CONFIG) -> dict[str, Path]:
+    """Write a tiny model under the DeepBeepMeep/Z-Image file names; returns role -> path (`config`: another
+    transformer shape, e.g. more layers for a ControlNet to control).
 
     Roles: transformer, vae, vae_config, scheduler_config, text_encoder, text_encoder_config, tokenizer
     (the `Qwen3/` folder with tokenizer.json, tokenizer_config.json, vocab.json, merges.txt).
@@ -184,7 +185,7 @@ def write_flat_layout(folder: Path, seed: int = 0) -> dict[str, Path]:
     folder = Path(folder)
     paths = {role: folder / name for role, name in FLAT_NAMES.items()}
     paths["tokenizer"].mkdir(parents=True, exist_ok=True)
-    parts = build_tiny_components(seed)
+    parts = build_tiny_components(seed, config)
 
     save_file(_contiguous(parts.transformer.state_dict()), paths["transformer"])
     save_file(_contiguous(parts.vae.state_dict()), paths["vae"])

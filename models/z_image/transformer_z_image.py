@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -260,6 +261,15 @@ def rope_angles(pos: torch.Tensor, axes_dims: tuple[int, ...], theta: float) -> 
     return angles.cos(), angles.sin()
 
 
+def add_residual(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """x (B, L, D) + residual (B, L', D) on the first L' <= L tokens (an image-only residual leaves the
+    caption tokens as they are)."""
+    n = residual.shape[1]
+    if n == x.shape[1]:
+        return x + residual.to(x.dtype)
+    return torch.cat([x[:, :n] + residual.to(x.dtype), x[:, n:]], dim=1)
+
+
 def _ceil_to(n: int, multiple: int) -> int:
     return n + (-n) % multiple
 
@@ -360,6 +370,7 @@ class ZImageTransformer(nn.Module):
         captions: list[torch.Tensor],
         nag: NAGOptions | None = None,
         t_target: torch.Tensor | None = None,
+        residuals: Mapping[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """latents: (B, C, H, W); t: (B,) with t = 1 - sigma (0 = pure noise); captions: B tensors
         (Li, cap_feat_dim). Returns (B, C, H, W) in the model dtype: x0 - noise (the negated velocity).
@@ -367,6 +378,9 @@ class ZImageTransformer(nn.Module):
         nag: the batch is [positive ; negative] (same latents and t, B even) and the image tokens are guided
         away from the negative captions (NAGRows); both halves of the output are then equal.
         t_target: (B,) TwinFlow's second timestep, same convention as t (`target_time_embedding`).
+        residuals: {main layer index: (B, L', D)} added to that layer's output, to its first L' tokens (the
+        unified sequence is [image tokens (Np) ; caption tokens (Lc)]): the one seam for extra residuals
+        (diffusers' `controlnet_block_samples`; a ControlNet's, models/z_image/controlnet_z_image.py).
         """
         cfg = self.config
         B, _, H, W = latents.shape
@@ -396,8 +410,10 @@ class ZImageTransformer(nn.Module):
         mask = None
         if cap_mask is not None:
             mask = torch.cat([cap_mask.new_ones(B, x.shape[1] - cap_mask.shape[1]), cap_mask], dim=1)
-        for block in self.layers:
+        for i, block in enumerate(self.layers):
             x = block(x, rope, mask, c, nag_rows)
+            if residuals is not None and i in residuals:
+                x = add_residual(x, residuals[i])
 
         out = self.all_final_layer[cfg.patch_key](x[:, :n_img], c)  # only real image tokens are kept
         return self.unpatchify(out, H, W)

@@ -12,11 +12,12 @@ from dataclasses import fields
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from common.errors import CheckpointError
+from common.errors import CheckpointError, SettingsError
 from common.model_facts import ModelFacts
 from common.settings_schema import SettingSpec, with_defaults
-from models.z_image.facts_z_image import FACTS
+from models.z_image.facts_z_image import FACTS, controlnet_facts
 from models.z_image.settings_z_image import SETTINGS, GenerationSettings
+from models.z_image.settings_z_image_control import CONTROL_TYPES, CONTROL_VERSIONS, control_schema, split_control_settings
 
 FAMILY = "z_image"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -54,27 +55,40 @@ class ZImageHandler:
     """`family_handler` for models/z_image. `model_type` arguments are architectures (z_image, z_image_base)."""
 
     def query_supported_types(self) -> list[str]:
-        return ["z_image", "z_image_base"]
+        return ["z_image", "z_image_base", *CONTROL_TYPES]
 
     def query_family_maps(self) -> tuple[dict[str, str], dict[str, list[str]]]:
-        """Base shares Turbo's architecture: LoRAs and settings of one apply to the other."""
-        return {"z_image_base": "z_image"}, {"z_image": ["z_image_base"], "z_image_base": ["z_image"]}
+        """Base shares Turbo's architecture: LoRAs and settings of one apply to the other. The ControlNet types
+        run Turbo's transformer (its LoRAs apply); v2.1 is v2's architecture with other blocks (Wan2GP's map)."""
+        equivalences = {"z_image_base": "z_image", "z_image_control2_1": "z_image_control2"}
+        compatibility = {"z_image": ["z_image_base", *CONTROL_TYPES], "z_image_base": ["z_image"]}
+        return equivalences, compatibility | {t: ["z_image"] for t in CONTROL_TYPES}
 
     def query_family_infos(self) -> dict[str, tuple[int, str]]:
         return {FAMILY: (10, "Z-Image")}
 
     def query_model_def(self, model_type: str, model_block: Mapping[str, Any]) -> dict[str, Any]:
-        """No extra model-definition fields: everything Z-Image needs is in the host's schema."""
+        """The model-block keys Z-Image adds: the ControlNet types' `modules` (Wan2GP's ControlNet files)."""
+        if model_block.get("architecture") in CONTROL_TYPES:
+            from models.z_image.settings_z_image_control import check_modules
+
+            return {"modules": check_modules(model_block.get("modules"))}
+        if "modules" in model_block:
+            raise SettingsError(f"model.modules (ControlNet files) is for the {', '.join(CONTROL_TYPES)} architectures")
         return {}
 
     def query_model_facts(self, model_type: str, model_def: Mapping[str, Any]) -> ModelFacts:
         """Sizes, int8 layers, latent format and components (models/z_image/facts_z_image.py); one set
-        for Turbo and Base, which share the network."""
+        for Turbo and Base, which share the network; the ControlNet types add their ControlNet."""
+        if model_type in CONTROL_TYPES:
+            return controlnet_facts(CONTROL_VERSIONS[model_type])
         return FACTS
 
     def query_settings_schema(self, model_type: str) -> list[SettingSpec]:
         """Every setting Z-Image accepts (models/z_image/settings_z_image.py SETTINGS) with `model_type`'s own
         defaults (Turbo: 8 steps, no guidance, shift 3; Base: 30 steps, guidance 4, shift 6, a negative prompt)."""
+        if model_type in CONTROL_TYPES:  # Turbo's, with the control settings (settings_z_image_control.py)
+            return control_schema(with_defaults(SETTINGS, ARCHITECTURE_DEFAULTS["z_image"]), model_type)
         if model_type not in ARCHITECTURE_DEFAULTS:
             raise ValueError(f"unknown Z-Image architecture {model_type!r} (known: {', '.join(ARCHITECTURE_DEFAULTS)})")
         return with_defaults(SETTINGS, ARCHITECTURE_DEFAULTS[model_type])
@@ -86,10 +100,15 @@ class ZImageHandler:
 
     def validate_settings(self, model_type: str, settings: Mapping[str, Any]) -> dict[str, Any]:
         """The engine's own validation (raises SettingsError naming the field); values normalised."""
+        control: dict[str, Any] = {}
+        if model_type in CONTROL_TYPES:
+            controls, settings = split_control_settings(settings)
+            control = {f.name: getattr(controls, f.name) for f in fields(controls) if f.name != "image_guide"}
         s = GenerationSettings.from_dict(dict(settings))
         values = {f.name: getattr(s, f.name) for f in fields(s)}
         values["resolution"] = f"{s.width}x{s.height}"
-        return {spec.name: values[spec.name] for spec in SETTINGS}
+        names = {spec.name for spec in self.query_settings_schema(model_type)}
+        return {spec.name: values[spec.name] for spec in SETTINGS if spec.name in names} | control
 
     def register_lora_cli_args(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--lora-dir-z-image", type=Path, metavar="DIR", help="Z-Image LoRA folder (default: loras/z_image)")
@@ -113,7 +132,7 @@ class ZImageHandler:
         """
         urls = list(model_def.get("URLs") or [])
         if urls and _is_folder_entry(urls[0]):
-            return []
+            return _control_files(model_type, model_def)
         files = [
             {"role": role, "URLs": [_sibling(_layout_anchor(urls, DEFAULT_TRANSFORMER_URL), name)]} for role, name in VAE_FILES.items()
         ]
@@ -121,7 +140,7 @@ class ZImageHandler:
         files.append({"role": "text_encoder", "URLs": text_encoder})
         anchor = _layout_anchor(text_encoder, DEFAULT_TEXT_ENCODER_URLS[0])
         files += [{"role": role, "URLs": [_sibling(anchor, name)]} for role, name in TEXT_ENCODER_FILES.items()]
-        return files
+        return files + _control_files(model_type, model_def)
 
     def load_model(self, model_type: str, model_def: Mapping[str, Any], files: Mapping[str, Path], options: Mapping[str, Any]) -> Any:
         """Build the engine's pipeline from resolved files; `options` has device and dtype (host's choice)."""
@@ -133,6 +152,10 @@ class ZImageHandler:
         load = LoadOptions(
             device=options["device"], dtype=options["dtype"], keep_text_encoder=options.get("keep_text_encoder", True)
         )
+        if model_type in CONTROL_TYPES:
+            from models.z_image.pipeline_z_image_controlnet import ZImageControlNetPipeline
+
+            return ZImageControlNetPipeline.from_components(components_from_files(files), load, Path(files["controlnet"]))
         return ZImagePipeline.from_components(components_from_files(files), load)
 
     def write_selftest_files(self, model_type: str, model_def: Mapping[str, Any], ckpts: Path) -> None:
@@ -163,6 +186,13 @@ def components_from_files(files: Mapping[str, Path]) -> Any:
         text_encoder_config=Path(files["text_encoder_config"]),
         vae_config=Path(files["vae_config"]),
     )
+
+
+def _control_files(model_type: str, model_def: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A ControlNet type's ControlNet: the first of the preset's `modules` (its bf16 / int8 variants)."""
+    if model_type not in CONTROL_TYPES:
+        return []
+    return [{"role": "controlnet", "URLs": list(model_def["modules"][0])}]
 
 
 def _is_folder_entry(entry: str) -> bool:
