@@ -6,12 +6,14 @@ process; `release_model()` frees it.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from host import settings as host_settings
 from host.session import Destination, HostConfig, Session, TaskResult
 
+log = logging.getLogger(__name__)
 _SESSION: Session | None = None
 
 
@@ -33,6 +35,7 @@ class Model:
         self.model_type = model_type
         self.defaults = defaults
         self.last_result: TaskResult | None = None
+        self.last_notes: list[str] = []  # generate_from: what was converted to run another tool's file
 
     def generate(self, prompt: str | None = None, *, output_dir: str | Path | None = None, **settings: Any) -> list[Any]:
         """Generate images (PIL). `output_dir` also saves them as the CLI does (settings embedded).
@@ -49,6 +52,28 @@ class Model:
         save_to = Destination(Path(output_dir)) if output_dir is not None else None
         self.last_result = self.session.run(task, save_to=save_to)
         return self.last_result.images
+
+    def generate_from(self, path: str | Path, *, output_dir: str | Path | None = None, **settings: Any) -> list[Any]:
+        """Generate from the settings a file holds, on this model type: any file `--process` reads (our JSON and
+        images, Wan2GP's settings, queues and images, ComfyUI and A1111 images); `settings` and `load_model`'s
+        override the file's. A file with several tasks runs them all (images in order). What was converted to
+        run another tool's file as it meant is logged, one line per note, and kept in `self.last_notes`."""
+        from host.tasks import override_tasks, read_task_file  # the task-file readers, only when asked for
+
+        images: list[Any] = []
+        self.last_notes = []
+        overrides = {**self.defaults, **settings, "model_type": self.model_type}  # load_model's settings hold too
+        for raw in override_tasks(read_task_file(Path(path)), overrides):
+            task = self.session.prepare(raw.settings, raw.where, source=raw.source)
+            notes = [*raw.notes, *task.notes]
+            for note in notes:
+                log.info("%s: %s", raw.where, note)
+            self.last_notes += notes
+            if output_dir is not None:
+                self.session.check_destination(Path(output_dir))
+            self.last_result = self.session.run(task, save_to=Destination(Path(output_dir)) if output_dir is not None else None)
+            images += self.last_result.images
+        return images
 
     @property
     def lora_reports(self) -> list[dict[str, Any]]:

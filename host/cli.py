@@ -21,7 +21,7 @@ from host.lora import cli as lora_cli
 from host.lowvram import cli as lowvram_cli
 from host.progress import ProgressBar, timing_line
 from host.session import Destination, HostConfig, Phase, Session
-from host.tasks import PreparedTask, RawTask, prepare_tasks, read_task_files
+from host.tasks import PreparedTask, RawTask, override_tasks, prepare_tasks, read_task_files
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,13 @@ def build_parser(session: Session | None = None) -> argparse.ArgumentParser:
         prog="wgp.py", description=f"{PROGRAM_NAME} {__version__}: local image generation", add_help=session is not None
     )
     act = p.add_argument_group("what to do (default: the web UI)")
-    act.add_argument("--process", nargs="+", type=Path, metavar="FILE", help="run task files (JSON or saved images); --batch for CSV/JSONL")
-    act.add_argument("--model", help="one-shot: model type (preset id), with --prompt")
+    act.add_argument(
+        "--process", nargs="+", type=Path, metavar="FILE",
+        help="run task files: JSON (ours or Wan2GP's: settings, lists, queue manifests, settings/*_settings.json), "
+        "Wan2GP .zip queues, images (ours, Wan2GP, ComfyUI, A1111); setting flags given override every task's; "
+        "--batch for CSV/JSONL",
+    )
+    act.add_argument("--model", help="one-shot: model type (preset id), with --prompt; with --process: every task's model type")
     act.add_argument("--selftest", action="store_true", help="generate with the tiny self-test model (no download)")
     act.add_argument("--list-models", action="store_true", help="list the model types and exit")
     gen = p.add_argument_group("one-shot settings (override the preset)")
@@ -126,7 +131,8 @@ def _dispatch(session: Session, args: argparse.Namespace) -> int:
         return batch_cli.batch_command(session, args, _one_shot_settings(session, args))
     if args.process:
         tasks, unreadable = read_task_files(args.process)
-        return run_tasks(session, tasks, args.output_dir, failed=unreadable)
+        overrides = _one_shot_settings(session, args) | ({"model_type": args.model} if args.model else {})
+        return run_tasks(session, override_tasks(tasks, overrides), args.output_dir, failed=unreadable)
     if args.model or getattr(args, "prompt", None) is not None:
         if not args.model:
             print("error: --prompt needs --model (see --list-models)", file=sys.stderr)
@@ -192,6 +198,8 @@ def run_tasks(
         if item.error is not None:
             _report_failure(item.where, item.error)
             failures.append(item)
+        for note in item.task.notes if item.task is not None else []:  # another tool's file, run as it meant
+            print(f"note: {item.where}: {note}")
     valid = [p for p in prepared if p.task is not None]
     for number, item in enumerate(valid, 1):
         if not _run_one(session, item, f"[{number}/{len(valid)}]", output_dir, output_file):

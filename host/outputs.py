@@ -2,7 +2,11 @@
 
 Each image carries the full settings JSON (PNG iTXt `wgp_settings`; EXIF UserComment in JPEG/WebP)
 and an A1111-style `parameters` text (PNG text chunk; EXIF ImageDescription) so other tools show the
-prompt, seed, steps and model. The JSON is a valid task: `--process image.png` regenerates it.
+prompt, seed, steps and model. A PNG also carries Wan2GP's `comment` iTXt chunk: the settings in Wan2GP's
+shape (host/wan2gp.py to_wan2gp), which Wan2GP reads back when the image is dropped on it; in JPEG/WebP
+the one UserComment is our JSON, whose generation keys are Wan2GP's names. The JSON is a valid task:
+`--process image.png` regenerates it. `read_metadata` gives any image's text metadata (PNG text chunks,
+EXIF UserComment in ASCII, UTF-8 or UNICODE/UTF-16) for the readers of other tools' files (host/image_settings.py).
 """
 
 from __future__ import annotations
@@ -26,14 +30,19 @@ from PIL import Image, PngImagePlugin
 from common.errors import SettingsError
 from common.settings_schema import is_pil_image
 from host.settings import MAX_TEXT_CHARS, parse_json_text
+from host.wan2gp import to_wan2gp
 
 log = logging.getLogger(__name__)
 
 SETTINGS_KEY = "wgp_settings"
 PARAMETERS_KEY = "parameters"
+WAN2GP_KEY = "comment"  # Wan2GP's PNG iTXt keyword (shared/utils/audio_video.py _write_png_comment_metadata)
+USER_COMMENT_KEY, DESCRIPTION_KEY = "exif:UserComment", "exif:ImageDescription"  # read_metadata's names for EXIF text
 EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 EXIF_IFD, USER_COMMENT, IMAGE_DESCRIPTION = 0x8769, 0x9286, 0x010E
-ASCII_PREFIX = b"ASCII\0\0\0"  # EXIF UserComment character-code header
+ASCII_PREFIX = b"ASCII\0\0\0"  # EXIF UserComment character-code headers (EXIF 2.3, 4.6.5 UserComment)
+UNICODE_PREFIX = b"UNICODE\0"  # UCS-2; Wan2GP writes it little-endian whatever the TIFF byte order
+UNDEFINED_PREFIX = b"\0" * 8
 MAX_SLUG = 40
 # Settings text a saved image may carry: every text setting is at most MAX_TEXT_CHARS, written as ASCII
 # JSON (up to 12 bytes per character); the rest (provenance) is small.
@@ -80,8 +89,12 @@ def embedded_json(settings: Mapping[str, Any], info: Mapping[str, Any]) -> str:
     An input image given as a path stays a path (and `generation_info.inputs` has its sha256); one given
     in memory (Python API) is written as null, its pixels' sha256 in `generation_info.inputs`.
     """
-    values = {k: None if is_pil_image(v) else v for k, v in settings.items()}
-    return json.dumps({**values, "generation_info": dict(info)}, ensure_ascii=True, sort_keys=False)
+    return json.dumps({**embedded_settings(settings), "generation_info": dict(info)}, ensure_ascii=True, sort_keys=False)
+
+
+def embedded_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings as files record them: an in-memory input image as null."""
+    return {k: None if is_pil_image(v) else v for k, v in settings.items()}
 
 
 def check_output_folder(folder: Path) -> Path:
@@ -174,6 +187,7 @@ def _write(image: Image.Image, path: Path | BinaryIO, settings: Mapping[str, Any
         meta = PngImagePlugin.PngInfo()
         meta.add_text(PARAMETERS_KEY, params)
         meta.add_itxt(SETTINGS_KEY, text)
+        meta.add_itxt(WAN2GP_KEY, json.dumps(to_wan2gp(embedded_settings(settings), info), ensure_ascii=False))
         image.save(path, format="PNG", pnginfo=meta)
         return
     exif = Image.Exif()
@@ -205,28 +219,65 @@ def read_settings(path: Path) -> dict[str, Any]:
     Only the metadata is read, never the pixels, so a decompression bomb costs nothing; an oversized or
     deeply nested text, or a file that is not an image, is a SettingsError naming the file.
     """
+    meta = read_metadata(path)
+    text = meta.get(SETTINGS_KEY) or meta.get(USER_COMMENT_KEY)
+    if not text:
+        raise SettingsError(f"{path}: this image carries no generation settings (was it saved by this program?)")
+    return parse_settings_json(text, f"{path}: embedded settings")
+
+
+def parse_settings_json(text: str, where: str) -> dict[str, Any]:
+    """Embedded settings text -> a JSON object; too long, bad or not an object is a SettingsError naming `where`."""
+    if len(text) > MAX_EMBEDDED_CHARS:
+        raise SettingsError(f"{where} are {len(text):,} characters, more than any image this program saves")
+    data = parse_json_text(text, SettingsError, where)
+    if not isinstance(data, dict):
+        raise SettingsError(f"{where}: not a JSON object")
+    return data
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """An image's text metadata without decoding its pixels: PNG tEXt/zTXt/iTXt chunks by keyword (and a JPEG
+    COM comment as `comment`), the EXIF UserComment and ImageDescription as USER_COMMENT_KEY and
+    DESCRIPTION_KEY. A file that is not a readable image, or declares too many pixels, is a SettingsError."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # pixels are never decoded here
             with Image.open(path) as image:
-                text = image.info.get(SETTINGS_KEY) or _exif_comment(image)
+                texts = {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str)}
+                if isinstance(image.info.get(WAN2GP_KEY), bytes):  # a JPEG COM segment
+                    texts[WAN2GP_KEY] = image.info[WAN2GP_KEY].decode("utf-8", "replace")
+                exif = image.getexif()
+                comment = decode_user_comment(exif.get_ifd(EXIF_IFD).get(USER_COMMENT))
+                description = exif.get(IMAGE_DESCRIPTION) or exif.get_ifd(EXIF_IFD).get(IMAGE_DESCRIPTION)
     except Image.DecompressionBombError as exc:
         raise SettingsError(f"{path}: refused, the image declares too many pixels to be ours ({exc})") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error) as exc:
         # PIL raises ValueError for text chunks that inflate past its limits, SyntaxError for broken chunks
         raise SettingsError(f"{path}: not a readable image ({exc})") from None
-    if not text:
-        raise SettingsError(f"{path}: this image carries no generation settings (was it saved by this program?)")
-    if len(text) > MAX_EMBEDDED_CHARS:
-        raise SettingsError(f"{path}: the embedded settings are {len(text):,} characters, more than any image this program saves")
-    data = parse_json_text(text, SettingsError, f"{path}: embedded settings")
-    if not isinstance(data, dict):
-        raise SettingsError(f"{path}: the embedded settings are not a JSON object")
-    return data
+    if comment:
+        texts[USER_COMMENT_KEY] = comment
+    if isinstance(description, bytes):
+        description = description.decode("utf-8", "replace")
+    if isinstance(description, str) and description.strip("\0 "):
+        texts[DESCRIPTION_KEY] = description.rstrip("\0")
+    return texts
 
 
-def _exif_comment(image: Image.Image) -> str | None:
-    raw = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
-    if isinstance(raw, bytes):
-        return raw[len(ASCII_PREFIX) :].decode("ascii", "replace") if raw.startswith(ASCII_PREFIX) else raw.decode("utf-8", "replace")
-    return raw
+def decode_user_comment(raw: Any) -> str | None:
+    """An EXIF UserComment's text: the 8-byte character code (ASCII, UNICODE = UTF-16, or undefined) then the
+    text. UNICODE is read little-endian (what Wan2GP writes), big-endian when a byte-order mark says so."""
+    if isinstance(raw, str):
+        return raw.rstrip("\0") or None
+    if not isinstance(raw, (bytes, bytearray)):
+        return None
+    raw = bytes(raw)
+    if raw.startswith(UNICODE_PREFIX):
+        body = raw[len(UNICODE_PREFIX) :]
+        encoding = "utf-16-be" if body.startswith(b"\xfe\xff") else "utf-16-le"
+        text = body.decode(encoding, "replace").lstrip("\ufeff")
+    elif raw.startswith((ASCII_PREFIX, UNDEFINED_PREFIX)):
+        text = raw[8:].decode("utf-8", "replace")  # ASCII is a subset; some writers put UTF-8 there
+    else:
+        text = raw.decode("utf-8", "replace")
+    return text.rstrip("\0") or None

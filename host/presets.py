@@ -45,6 +45,16 @@ MODEL_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "selftest": ((bool,), "files are tiny random weights the family writes itself"),
 }
 REQUIRED_MODEL_KEYS = ("name", "architecture")
+# Model block keys Wan2GP's Finetune Editor writes (shared/gradio/finetune_editor.py) that describe the model
+# for its UI or its downloader and change no image: accepted and ignored, so its presets and finetunes load.
+WAN2GP_MODEL_KEYS: dict[str, str] = {
+    "infos": "Wan2GP's model help text",
+    "prompt_infos": "Wan2GP's prompt help text",
+    "resolutions": "sizes Wan2GP's resolution picker offers",
+    "auto_quantize": "Wan2GP quantizes on the fly when no int8 file exists (this program does that for int8 anyway)",
+    "preload_URLs": "files Wan2GP downloads at start-up (not downloaded here)",
+    "finetune_source_model": "the model a finetune was made from",
+}
 NUNCHAKU = "Nunchaku SVDQuant"
 # File-name token -> a weight format no loader here reads (Wan2GP ships presets for several of them).
 UNLOADABLE_FORMATS = {
@@ -188,10 +198,12 @@ def build_preset(
 
 def _check_model_block(block: Mapping[str, Any], family_keys: set[str], where: str) -> None:
     """Unknown keys and wrong types in the model block name the file and the field."""
-    known = set(MODEL_KEYS) | family_keys
+    known = set(MODEL_KEYS) | family_keys | set(WAN2GP_MODEL_KEYS)
     host_settings.check_known_keys(block, known, f"{where}: model block", noun="key")
     for key, value in block.items():
-        types = MODEL_KEYS.get(key, ((object,), ""))[0]
+        if key not in MODEL_KEYS:  # a family's key (it checks its own) or one of Wan2GP's that is ignored
+            continue
+        types = MODEL_KEYS[key][0]
         if isinstance(value, bool) and bool not in types or not isinstance(value, types):
             wanted = " or ".join(t.__name__ for t in types)
             raise PresetError(f"{where}: model.{key} must be {wanted} ({MODEL_KEYS[key][1]}), got {value!r}")

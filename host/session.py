@@ -18,7 +18,7 @@ from typing import Any
 from common.attention import get_attention_backend, set_attention_backend
 from common.errors import SettingsError, UserInputError
 from common.model_facts import DENOISER
-from host import PROGRAM_NAME, __version__, lowvram
+from host import PROGRAM_NAME, __version__, lowvram, wan2gp
 from host import settings as host_settings
 from host.device import DeviceChoice, attention_backend, choose_device, peak_memory_gb, reset_peak_memory
 from host.files import DEFAULT_CKPTS, CheckpointFolders, download_file, resolve_files, specs_from_model_def
@@ -69,6 +69,8 @@ class Task:
     settings: dict[str, Any]
     where: str
     loras: LoraChoice = field(default_factory=LoraChoice)  # the preset's, then the task's; files resolved
+    notes: list[str] = field(default_factory=list)  # one line per change made to run another tool's file as meant
+    ignored: dict[str, Any] = field(default_factory=dict)  # other tools' keys that change nothing (host/foreign.py)
 
 
 @dataclass
@@ -151,8 +153,12 @@ class Session:
 
     # -- 1. settings ----------------------------------------------------------------------------
 
-    def prepare(self, raw: Mapping[str, Any], where: str = "task") -> Task:
-        """Merge a task over its preset's defaults and validate it (nothing is loaded)."""
+    def prepare(self, raw: Mapping[str, Any], where: str = "task", source: str | None = None) -> Task:
+        """Merge a task over its preset's defaults and validate it (nothing is loaded).
+
+        `source` names the tool whose file the task was read from ("Wan2GP"); a Wan2GP task is adapted
+        where Wan2GP behaves differently (host/wan2gp.py), each change in `task.notes`.
+        """
         if not isinstance(raw, Mapping):
             raise SettingsError(f"{where}: a task is a JSON object of settings, got {type(raw).__name__}")
         model_type = raw.get("model_type")
@@ -161,6 +167,8 @@ class Session:
         preset = self.catalog.get(model_type)
         handler, arch = self.handler(preset), preset.architecture
         family = host_settings.family_defaults(handler, arch, preset.model_def)
+        specs = host_settings.family_specs(handler, arch)
+        raw, notes = wan2gp.adapt(raw, source, handler, arch, preset.model_def, specs)
         fallback = preset.settings.get("resolution", family.get("resolution"))
         raw = host_settings.size_keys_to_resolution(raw, family, fallback, where)  # diffusers' width/height
         merged = {**host_settings.host_defaults(), **family, **preset.settings, **raw}
@@ -174,7 +182,8 @@ class Session:
             raise SettingsError(f"{where}: the {arch} family cannot apply LoRAs (its handler has no normalize_lora)")
         ordered = {"model_type": model_type, **{k: valid[k] for k in family if k in valid}}
         ordered.update({k: v for k, v in valid.items() if k not in ordered})
-        return Task(model_type, preset, ordered, where, loras)
+        ignored = host_settings.ignored_settings(handler, arch, merged, where)
+        return Task(model_type, preset, ordered, where, loras, notes, ignored)
 
     def lora_folders(self, preset: Preset) -> list[Path]:
         """Where this preset's LoRA names resolve: the family's folder, then the root `loras/`."""
@@ -350,7 +359,7 @@ class Session:
             "prompt_tokens": getattr(output, "prompt_tokens", None),
             "truncated": getattr(output, "truncated", None),
             "timings": {k: round(v, 4) for k, v in getattr(output, "timings", {}).items()},
-        } | ({"inputs": inputs} if inputs else {})
+        } | ({"inputs": inputs} if inputs else {}) | _import_record(task)
 
     def _lora_provenance(self, loras: LoraChoice, reports: list[LoraReport]) -> list[dict[str, Any]]:
         """Per LoRA: name as written, file hash, multiplier, and what loaded (a compact load report)."""
@@ -406,3 +415,7 @@ class Session:
             result.paths.append(save_image(image, folder, name, settings, info, fmt))
         return result.paths
 
+
+def _import_record(task: Task) -> dict[str, Any]:
+    """Other tools' keys the task carried (ignored) and the changes made to run it as meant, for the record."""
+    return ({"ignored_settings": dict(task.ignored)} if task.ignored else {}) | ({"notes": list(task.notes)} if task.notes else {})

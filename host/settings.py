@@ -2,8 +2,9 @@
 
 A task's settings are: the family's defaults (its schema, `query_settings_schema`) < the preset's
 top-level settings < the task itself. Every value is checked against its `SettingSpec` (the host's
-below, the family's own), then by the family's `validate_settings`. A key neither declares is an error
-that suggests the closest known key.
+below, the family's own), then by the family's `validate_settings`. Other tools' keys that change nothing
+(Wan2GP's provenance, its features at their neutral value: host/foreign.py) are set aside; one that would
+change the image is refused as not supported; any other key is an error that suggests the closest known key.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from common import settings_schema as schema
 from common.errors import SettingsError, UserInputError
 from common.settings_schema import SettingSpec
+from host import foreign
 from host.registry import FamilyHandler, Registry
 
 log = logging.getLogger(__name__)
@@ -149,7 +151,7 @@ def validate(
     (host keys + the family's values), seed not yet resolved.
     """
     specs = family_specs(handler, model_type)
-    check_known_keys(settings, HOST_ONLY | {s.name for s in specs}, where)
+    settings, _ = foreign.split_settings(settings, HOST_ONLY | {s.name for s in specs}, where)  # others' keys set aside
     check_text_lengths(settings, where)
     try:
         host_part = schema.convert_settings(HOST_SPECS, settings)
@@ -164,6 +166,12 @@ def validate(
     except SettingsError as exc:
         raise SettingsError(f"{where}: {exc}") from None
     return {**host_part, **converted, **normalised, **{k: converted[k] for k in images if k in converted}}
+
+
+def ignored_settings(handler: FamilyHandler, model_type: str, settings: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Other tools' keys in `settings` that change nothing here (host/foreign.py): kept for the record."""
+    specs = family_specs(handler, model_type)
+    return foreign.split_settings(settings, HOST_ONLY | {s.name for s in specs}, where)[1]
 
 
 def generation_inputs(specs: list[SettingSpec], settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -3,20 +3,24 @@ task's `lset` key), then the task's own (`activated_loras`). Each group keeps it
 (`model.loras_multipliers`, the set's `loras_mult`, `loras_multipliers`), in Wan2GP's syntax.
 
 Names resolve in the family's LoRA folder, then in the root `loras/` folder; only an absolute path the
-user wrote reaches elsewhere (host.lora.resolve_lora). Everything here runs before any weights load.
+user wrote reaches elsewhere (host.lora.resolve_lora). A name given as a URL (Wan2GP metadata) is looked up
+by its file name in those folders (LoRAs are never downloaded). Everything here runs before any weights load.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from common.errors import CheckpointError, SettingsError
 from host.lora import lora_root, parse_multipliers, resolve_lora
 from host.lora.sets import load_lset, resolve_lset
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,15 +61,41 @@ def resolve_group(names: Sequence[str], multipliers: str | Sequence[Any], folder
     tokens = multiplier_tokens(multipliers, len(names), keys[1])
     paths = []
     for name in names:
-        if str(name).startswith(("http://", "https://")):
-            raise SettingsError(
-                f"{keys[0]}: {name!r} is a URL, and LoRAs are not downloaded: save the file into {folders[0]} and give its name"
-            )
         try:
-            paths.append(resolve_lora(name, folders))
+            paths.append(resolve_lora_url(str(name), folders) if is_url(name) else resolve_lora(name, folders))
         except CheckpointError as err:
             raise CheckpointError(f"{keys[0]}: {err}") from None
     return LoraChoice(tuple(str(n) for n in names), tuple(paths), tuple(tokens))
+
+
+def is_url(name: Any) -> bool:
+    return str(name).startswith(("http://", "https://"))
+
+
+def url_file_name(url: str) -> str:
+    """The LoRA file a URL names, as Wan2GP stores it: `https://.../resolve/main/x.safetensors?download=1` ->
+    `x.safetensors`; Wan2GP's `URL|sub/folder` form -> `sub/folder/x.safetensors`."""
+    link, _, subfolder = url.partition("|")
+    name = PurePosixPath(link.split("?", 1)[0].split("#", 1)[0]).name
+    return f"{subfolder.strip().strip('/')}/{name}" if subfolder.strip().strip("/") else name
+
+
+def resolve_lora_url(url: str, folders: Sequence[Path]) -> Path:
+    """A LoRA named by URL (Wan2GP metadata often does): the file of that name in the LoRA folders, since
+    LoRAs are never downloaded here. Not found: an error saying where to save it."""
+    name = url_file_name(url)
+    if not name or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+        raise CheckpointError(f"LoRA URL {url!r} names no file; save the LoRA into {folders[0]} and give its file name")
+    try:
+        path = resolve_lora(name, folders)
+    except CheckpointError:
+        where = ", ".join(str(f) for f in folders)
+        raise CheckpointError(
+            f"LoRA {url!r} is a URL, and LoRAs are not downloaded: no file {name!r} in {where}; "
+            f"save it into {folders[0]} (its name is looked up there)"
+        ) from None
+    log.info("LoRA %s: using %s (found by its file name)", url, path)
+    return path
 
 
 def expand_lset(settings: Mapping[str, Any], folders: Sequence[Path]) -> dict[str, Any]:

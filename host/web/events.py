@@ -30,6 +30,7 @@ from host.web.form import (
     resolution_choices,
     resolution_value,
     save_user_defaults,
+    settings_for_form,
     settings_from_form,
     settings_from_image,
     snap_size,
@@ -413,8 +414,9 @@ class WebApp(LoraPanel):
             text = " ".join(str(exc).replace(str(path), path.name).split())
             text = text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 1] + "…"
             return {self.c["status"]: status_html(f"No settings taken: {text}", "error")}
-        settings = {k: v for k, v in found.settings.items() if k != "generation_info"}
-        return self.apply(settings, model_type, f"Settings taken from {path.name} ({found.source}).")
+        settings, notes = settings_for_form(self.session, found, model_type)
+        message = " ".join([f"Settings taken from {path.name} ({found.source}).", *(f"{n}." for n in notes)])
+        return self.apply(settings, model_type, message)
 
 
 def tab_of(request: Any) -> str:

@@ -7,21 +7,17 @@ from __future__ import annotations
 import json
 import logging
 import re
-import struct
-import warnings
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from common.errors import SettingsError
 from common.settings_schema import SettingSpec
 from host import settings as host_settings
+from host import wan2gp
 from host.atomic import atomic_write_json
-from host.outputs import EXIF_IFD, IMAGE_DESCRIPTION, PARAMETERS_KEY, read_settings
+from host.image_settings import A1111_KEYS, ImageSettings, parse_a1111, read_image_settings  # noqa: F401 (re-exported)
 from host.presets import Preset
 from host.registry import REPO_ROOT, Registry
 from host.session import Session
@@ -33,12 +29,6 @@ SIZE_MULTIPLE = 16  # VAE factor 8 x patch 2; every shipped family needs it (the
 MAX_SIDE = 4096
 SIZE_SIDES = ("width", "height")
 CUSTOM = "custom"
-# What PIL raises for a file that is not an image, a decompression bomb, a text chunk that inflates too far,
-# or broken chunks: each means "no settings can be read from this file".
-UNREADABLE_IMAGE_ERRORS = (
-    OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, Image.DecompressionBombError
-)
-
 # (aspect ratio, sizes); every side a multiple of 16, about 0.4 to 4 megapixels.
 RESOLUTION_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("1:1", ("512x512", "768x768", "1024x1024", "1280x1280", "1536x1536", "2048x2048")),
@@ -262,65 +252,24 @@ def save_user_defaults(settings_dir: Path, model_type: str, settings: Mapping[st
 
 
 # -- settings from images ------------------------------------------------------------------------
-
-A1111_KEYS = {  # A1111 "parameters" field -> (setting, type)
-    "Steps": ("num_inference_steps", int),
-    "CFG scale": ("guidance_scale", float),
-    "Seed": ("seed", int),
-    "Size": ("resolution", str),
-    "Model": ("model_type", str),
-    "Shift": ("flow_shift", float),
-}
-
-
-def parse_a1111(text: str) -> dict[str, Any]:
-    """A1111-style 'parameters' text -> settings: prompt, negative prompt, steps, CFG, seed, size, model."""
-    lines = text.strip().splitlines()
-    if not lines:
-        raise SettingsError("the image's parameters text is empty")
-    fields_line = lines[-1] if re.search(r"(^|, )Steps: ", lines[-1]) else ""
-    body = lines[:-1] if fields_line else lines
-    prompt_lines, negative_lines, target = [], [], None
-    for line in body:
-        if line.startswith("Negative prompt:"):
-            target = negative_lines
-            line = line[len("Negative prompt:") :].strip()
-        (target if target is not None else prompt_lines).append(line)
-    out: dict[str, Any] = {"prompt": "\n".join(prompt_lines).strip()}
-    if negative_lines:
-        out["negative_prompt"] = "\n".join(negative_lines).strip()
-    for key, value in re.findall(r'\s*([\w ]+): ("(?:[^"\\]|\\.)*"|[^,]*)(?:,|$)', fields_line):
-        if key.strip() in A1111_KEYS:
-            name, kind = A1111_KEYS[key.strip()]
-            try:
-                out[name] = kind(value.strip().strip('"'))
-            except ValueError:
-                log.warning("ignoring A1111 field %s=%r", key, value)
-    return out
-
-
-@dataclass
-class ImageSettings:
-    settings: dict[str, Any]
-    source: str  # "embedded settings" or "A1111 parameters"
+# The readers live in host/image_settings.py (the CLI and the API read images too); the form takes what they find.
 
 
 def settings_from_image(path: Path) -> ImageSettings:
-    """Our embedded settings JSON; else an A1111 `parameters` text (PNG chunk or EXIF description)."""
-    try:
-        return ImageSettings(read_settings(path), "embedded settings")
-    except SettingsError as first:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # only metadata is read
-                with Image.open(path) as image:
-                    text = image.info.get(PARAMETERS_KEY) or image.getexif().get(IMAGE_DESCRIPTION)
-                    if not text:
-                        text = image.getexif().get_ifd(EXIF_IFD).get(IMAGE_DESCRIPTION)
-        except UNREADABLE_IMAGE_ERRORS:  # not an image, a bomb, broken chunks: the first reader's message says so
-            raise first from None
-        if not text:
-            raise SettingsError(
-                f"{Path(path).name}: no generation settings in this image (ours or A1111 'parameters')"
-            ) from None
-        return ImageSettings(parse_a1111(str(text)), "A1111 parameters")
+    """Our embedded settings; else Wan2GP's `comment`/UserComment; else a ComfyUI graph; else A1111 `parameters`."""
+    return read_image_settings(path)
+
+
+def settings_for_form(session: Session, found: ImageSettings, model_type: str | None) -> tuple[dict[str, Any], list[str]]:
+    """An image's settings as the form should show them, with notes: provenance dropped, and Wan2GP's adapted for
+    the model type they will run on (their own when it is here, else the form's) where Wan2GP behaves differently."""
+    settings = {k: v for k, v in found.settings.items() if k != "generation_info"}
+    notes = list(found.notes)
+    wanted = settings.get("model_type")
+    preset = session.catalog.presets.get(wanted if wanted in session.catalog.presets else model_type or "")
+    if preset is not None:
+        handler = session.handler(preset)
+        specs = host_settings.family_specs(handler, preset.architecture)
+        settings, more = wan2gp.adapt(settings, found.tool, handler, preset.architecture, preset.model_def, specs)
+        notes += more
+    return settings, notes

@@ -67,6 +67,26 @@ class ZImageHandler:
     def query_family_infos(self) -> dict[str, tuple[int, str]]:
         return {FAMILY: (10, "Z-Image")}
 
+    def query_model_family(self) -> str:
+        """Wan2GP's call: the family id."""
+        return FAMILY
+
+    def get_rgb_factors(self, model_type: str) -> tuple[list[list[float]] | None, list[float] | None]:
+        """Wan2GP's call for its live preview: the latent-to-RGB map, (16 rows of RGB, bias), from the facts."""
+        latent = self.query_model_facts(model_type, {}).latent
+        if latent is None or latent.rgb_factors is None:
+            return None, None
+        return [list(row) for row in latent.rgb_factors], list(latent.rgb_bias or (0.0, 0.0, 0.0))
+
+    def fix_settings(self, model_type: str, settings_version: float, model_def: Mapping[str, Any], settings: dict[str, Any]) -> list[str]:
+        """Wan2GP's hook, called by the host for a task read from a Wan2GP file: where Wan2GP runs Z-Image
+        differently (guidance threshold, shift, default negative prompt), change `settings` in place so it runs
+        here as it ran there; returns one note per change (models/z_image/wan2gp_z_image.py)."""
+        from models.z_image.wan2gp_z_image import fix_wan2gp_settings
+
+        defaults = ARCHITECTURE_DEFAULTS.get(model_type, ARCHITECTURE_DEFAULTS["z_image"])
+        return fix_wan2gp_settings(settings, defaults["flow_shift"], BASE_NEGATIVE_PROMPT)
+
     def query_model_def(self, model_type: str, model_block: Mapping[str, Any]) -> dict[str, Any]:
         """The model-block keys Z-Image adds: the ControlNet types' `modules` (Wan2GP's ControlNet files)."""
         if model_block.get("architecture") in CONTROL_TYPES:
@@ -110,12 +130,16 @@ class ZImageHandler:
         names = {spec.name for spec in self.query_settings_schema(model_type)}
         return {spec.name: values[spec.name] for spec in SETTINGS if spec.name in names} | control
 
-    def register_lora_cli_args(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--lora-dir-z-image", type=Path, metavar="DIR", help="Z-Image LoRA folder (default: loras/z_image)")
+    def register_lora_cli_args(self, parser: argparse.ArgumentParser, lora_root: str | Path | None = None) -> None:
+        """Adds --lora-dir-z-image (Wan2GP's flag; `lora_root` as in its newer signature, for the help text)."""
+        default = Path(lora_root or "loras") / FAMILY
+        parser.add_argument("--lora-dir-z-image", type=Path, metavar="DIR", help=f"Z-Image LoRA folder (default: {default})")
 
-    def get_lora_dir(self, model_type: str, args: argparse.Namespace | None) -> Path:
+    def get_lora_dir(self, model_type: str, args: argparse.Namespace | None, lora_root: str | Path | None = None) -> Path:
+        """--lora-dir-z-image, else <root>/z_image; the root is `lora_root` (Wan2GP's newer signature), else --loras,
+        else loras/."""
         chosen = getattr(args, "lora_dir_z_image", None) if args is not None else None
-        root = getattr(args, "loras", None) if args is not None else None  # --loras moves the root
+        root = lora_root or (getattr(args, "loras", None) if args is not None else None)  # --loras moves the root
         return Path(chosen) if chosen else Path(root or REPO_ROOT / "loras") / FAMILY
 
     def normalize_lora(self, state_dict: Mapping[str, Any], target_shapes: Mapping[str, tuple[int, int]] | None = None) -> Any:
