@@ -56,6 +56,8 @@ def timing_line(timings: Mapping[str, float], peak_gb: float, peak_what: str, lo
     parts = [f"load {load_s:.1f} s"] if load_s is not None else []
     if "text_encoding_s" in timings:
         parts.append(f"text encoding {timings['text_encoding_s']:.2f} s")
+    if "vae_encode_s" in timings:  # an input image encoded (image-to-image, inpainting)
+        parts.append(f"VAE encode {timings['vae_encode_s']:.2f} s")
     if "denoise_s" in timings:
         parts.append(f"denoise {timings['denoise_s']:.2f} s ({timings.get('s_per_it', 0.0):.2f} s/it)")
     if "vae_decode_s" in timings:

@@ -62,4 +62,6 @@ def test_timing_line_and_durations() -> None:
     assert timing_line(timings, 2.5, "peak VRAM", 3.14) == (
         "load 3.1 s | text encoding 0.20 s | denoise 4.00 s (0.50 s/it) | VAE decode 0.30 s | peak VRAM 2.50 GB"
     )
+    with_image = {**timings, "vae_encode_s": 0.5}
+    assert timing_line(with_image, 2.5, "peak RSS").startswith("text encoding 0.20 s | VAE encode 0.50 s | denoise 4.00 s")
     assert (format_duration(72.4), format_duration(3725)) == ("1:12", "1:02:05")

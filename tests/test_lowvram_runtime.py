@@ -133,7 +133,13 @@ def test_tiling_is_automatic_above_the_threshold(tiny_flat_layout: dict[str, Pat
         assert calls == [(16, 16)]  # below the threshold: one untiled call
         out = model.hooks.decode.call(decode, torch.randn(1, 16, 24, 24))
         assert out.shape == (1, 3, 192, 192) and len(calls) == 1 + 4
-        encoded = model.hooks.encode_image.call(lambda x: vae.encode(x).latent_dist, torch.rand(1, 3, 192, 192) * 2 - 1)
+        pixels = torch.rand(1, 3, 192, 192) * 2 - 1
+        encoded = model.hooks.encode_image.call(lambda x: vae.encode(x).latent_dist, pixels)
+        # a sample draws from the generator as an untiled one does: the draws after it (img2img's noise) match
+        tiled_draw, plain_draw = torch.Generator("cpu").manual_seed(5), torch.Generator("cpu").manual_seed(5)
+        assert torch.equal(encoded.sample(tiled_draw), encoded.mode())
+        vae.encode(pixels).latent_dist.sample(plain_draw)
+        assert torch.equal(torch.randn(4, generator=tiled_draw), torch.randn(4, generator=plain_draw))
     assert encoded.mode().shape == (1, 16, 24, 24)
     tiling.remove(model)
     assert model.hooks.owners() == {} and vae.decode.__func__ is type(vae).decode  # nothing left behind

@@ -183,3 +183,24 @@ def test_bad_image_inputs_are_named(config: HostConfig, tmp_path: Path) -> None:
         model.generate(width=32, height=32, image_start=start_image(32, 32), denoising_strength=1.5)
     with pytest.raises(SettingsError, match="image_start.*not found"):
         model.generate(width=32, height=32, image_start=str(tmp_path / "missing.png"))
+
+
+def test_the_start_image_is_encoded_through_the_encode_image_hooks(tiny_diffusers_folder: Path) -> None:
+    """VAE tiling (a host transform on `hooks.encode_image`) applies to the start image: the encoder sees tiles."""
+    from host.lowvram.vae_tiling import TilingOptions, VaeTilingTransform
+    from models.z_image.pipeline_z_image import LoadOptions, ZImageComponents, ZImagePipeline
+
+    pipe = ZImagePipeline.from_components(
+        ZImageComponents.from_diffusers_folder(tiny_diffusers_folder), LoadOptions(dtype=torch.float32)
+    )
+    VaeTilingTransform(TilingOptions(mode="always", tile=4, overlap=2)).apply(pipe)
+    seen: list[tuple[int, ...]] = []
+
+    def spy(call_next, pixels: torch.Tensor):  # innermost: what reaches the VAE
+        seen.append(tuple(pixels.shape[-2:]))
+        return call_next(pixels)
+
+    pipe.hooks.encode_image.add("spy", spy)
+    s = settings_of(dict(TURBO, width=64, height=48, num_inference_steps=2, denoising_strength=0.5, seed=1))
+    [image] = pipe.generate(s).images
+    assert image.size == (64, 48) and len(seen) > 1 and all(shape == (32, 32) for shape in seen)

@@ -172,4 +172,8 @@ class _PointDistribution:
         return self.mean
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The mean (the tiles give no spread), after drawing, unused, the noise an untiled sample draws:
+        what `generator` gives next (image-to-image's noise) is then the same as without tiling."""
+        if generator is not None:
+            torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype, device=generator.device)
         return self.mean
