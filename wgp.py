@@ -2,6 +2,7 @@
 
     python wgp.py                                  web UI (http://127.0.0.1:7860)
     python wgp.py --process tasks.json             headless tasks (JSON or saved images)
+    python wgp.py --batch rows.csv --model z_image resumable batch (CSV, JSONL, JSON; --ray for a cluster)
     python wgp.py --model z_image --prompt "..."   one image
     python wgp.py --selftest                       tiny self-test model, no download
     python wgp.py --list-models
