@@ -338,3 +338,29 @@ def test_reading_a_saved_image_of_ours_still_comes_first(tmp_path: Path) -> None
     assert task.source is None and task.settings["seed"] == 5 and "type" not in task.settings
     shutil.copy(ours, tmp_path / "copy.png")
     assert json.loads(Image.open(tmp_path / "copy.png").info["comment"])["seed"] == 5
+
+
+def test_bypassed_and_unknown_comfyui_nodes_are_not_taken_for_loras(tmp_path: Path) -> None:
+    from host.comfyui import settings_from_comfy
+
+    workflow = ot.comfy_ui_graph()
+    next(n for n in workflow["nodes"] if n["id"] == 20)["mode"] = 4  # the detail LoRA bypassed in the UI
+    found = settings_from_comfy(None, workflow)
+    assert found.settings["activated_loras"] == ["zimage/film_grain.safetensors"] and found.settings["loras_multipliers"] == "0.5"
+    api = ot.comfy_api_graph()
+    api["11"]["inputs"]["model"] = ["30", 0]
+    api["30"] = {"class_type": "CFGNorm", "inputs": {"strength": 1.0, "model": ["20", 0]}}
+    found = settings_from_comfy(api, None)
+    assert "ComfyUI node CFGNorm on the model not carried over" in found.notes
+    assert found.settings["activated_loras"] == ["zimage/film_grain.safetensors", "detail.safetensors"]
+    with pytest.raises(SettingsError, match="no KSampler in this ComfyUI graph"):
+        settings_from_comfy({"1": {"class_type": "SaveImage", "inputs": {}}}, None)
+
+
+def test_an_image_naming_no_model_type_asks_for_model(tmp_path: Path) -> None:
+    from host.tasks import prepare_tasks
+
+    [raw] = read_task_file(ot.a1111_png(tmp_path / "a.png"))
+    [prepared] = prepare_tasks(Session(), [raw])
+    assert prepared.task is None and "'model_type' is required" in str(prepared.error)
+    assert "no model type in this image (A1111 parameters): give one with --model" in str(prepared.error)
