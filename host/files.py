@@ -73,8 +73,9 @@ class MissingFile:
 
 
 def dtype_of(name: str) -> str:
-    """The dtype token of a file name: 'ZImageBase_quanto_bf16_int8' -> 'int8' (the last token wins)."""
-    stem = PurePosixPath(name.rstrip("/")).name.split(".")[0]
+    """The dtype token of a file name: 'ZImageBase_quanto_bf16_int8' -> 'int8' (the last token wins). The whole
+    name is read, dots included: 'Controlnet-Union2.1_quanto_bf16_int8.safetensors' is int8 too."""
+    stem = PurePosixPath(name.rstrip("/")).name
     found = [DTYPE_TOKENS[t] for t in re.split(r"[_\-.]", stem.lower()) if t in DTYPE_TOKENS]
     return found[-1] if found else "unknown"
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.model_facts import DENOISER, ModelFacts
+from common.model_facts import AUXILIARY, DENOISER, ModelFacts
 from host.device import compute_dtype
 from host.lowvram import offload as offload_mod
 from host.lowvram.guards import BlackImageGuard
@@ -78,8 +78,21 @@ def lowvram_transforms(
     if profile in LOW_VRAM_PROFILES:
         transforms.append(SequentialGuidance())
     components = facts.names if facts is not None else None
-    transforms.append(offload_mod.OffloadTransform(options.get("profile", "auto"), device, options.get("dtype"), components))
+    offload = offload_mod.OffloadTransform(options.get("profile", "auto"), device, options.get("dtype"), components)
+    offload.cotenants = step_cotenants(facts)
+    transforms.append(offload)
     return transforms
+
+
+def step_cotenants(facts: ModelFacts | None) -> dict[str, list[str]]:
+    """Parts that run together at every step (the denoiser and its auxiliary parts, e.g. a ControlNet that
+    reads the transformer's embedders) share the GPU under mmgp instead of unloading each other every step."""
+    if facts is None:
+        return {}
+    names = [c.name for c in facts.components if c.role in (DENOISER, AUXILIARY)]
+    if len(names) < 2:
+        return {}
+    return {name: [other for other in names if other != name] for name in names}
 
 
 def apply_lowvram(
@@ -104,9 +117,10 @@ def _needs_hooks(transform: Transform) -> bool:
 
 @dataclass
 class Int8Transform:
-    """int8 weights: the denoiser quantized on the fly (the Linears its facts name) when int8 is asked and
-    no int8 file was loaded; every part's int8 layers compute in the compute dtype (on the CPU always fp32:
-    see host/lowvram/quantize.py). Irreversible in place: the weights stay int8 until the model is reloaded."""
+    """int8 weights: the denoiser, and the auxiliary parts that run beside it at every step (a ControlNet),
+    quantized on the fly (the Linears their facts name) when int8 is asked and no int8 file was loaded; every
+    part's int8 layers compute in the compute dtype (on the CPU always fp32: see host/lowvram/quantize.py).
+    Irreversible in place: the weights stay int8 until the model is reloaded."""
 
     quantize: bool
     device: str
@@ -118,11 +132,11 @@ class Int8Transform:
     def apply(self, model: Any) -> None:
         if self.facts is None:
             return
-        denoiser = self.facts.with_role(DENOISER)
-        part = component(model, denoiser.name) if denoiser is not None else None
-        if self.quantize and denoiser.int8_pattern and part is not None and not is_quantized(part):
-            log.info("no int8 file for the %s: quantizing it on the fly", denoiser.name)
-            quantize_model(part, include=self.facts.quantize_pattern(denoiser.name), dtype=self.dtype)
+        for facts in self.facts.components:
+            part = component(model, facts.name) if facts.role in (DENOISER, AUXILIARY) else None
+            if self.quantize and facts.int8_pattern and part is not None and not is_quantized(part):
+                log.info("no int8 file for the %s: quantizing it on the fly", facts.name)
+                quantize_model(part, include=self.facts.quantize_pattern(facts.name), dtype=self.dtype)
         for name in self.facts.int8_components:
             part = component(model, name)
             if part is None or not is_quantized(part):

@@ -11,8 +11,8 @@ On the CPU there is nothing to offload: the same calls run without mmgp (logged 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -84,12 +84,14 @@ def apply_offload(
     device: str,
     dtype: torch.dtype | None = None,
     components: Sequence[str] | None = None,
+    cotenants: Mapping[str, Sequence[str]] | None = None,
 ) -> OffloadHandle:
     """Offload the model's parts (`components`, in run order: the family's facts) with mmgp's `profile`.
 
     The parts must have been loaded on the CPU (`load_device`); the model's `device` becomes `device`.
     dtype: the compute dtype (default: that of the first part's weights). components: default, every part
-    the model's `components()` lists.
+    the model's `components()` lists. cotenants: part -> the parts that stay on the GPU beside it (mmgp's
+    coTenantsMap, added to its own).
     """
     global _LOGGED_CPU
     number = resolve_profile(profile, device)
@@ -121,12 +123,24 @@ def apply_offload(
             extraModelsToQuantize=[],
             convertWeightsFloatTo=dtype,
             verboseLevel=0,
+            **cotenant_map(cotenants),
         )
     finally:
         restore_default_device(previous)
     pipe.device = torch.device(device)
     log.info("offload: mmgp profile %d (%s)", number, PROFILES[number])
     return OffloadHandle(number, manager)
+
+
+# mmgp 3.8.2's own cotenants (mmgp/offload.py, offload_manager.__init__): a map given to `profile` replaces it.
+MMGP_COTENANTS = {"text_encoder": ["vae", "text_encoder_2"], "text_encoder_2": ["vae", "text_encoder"]}
+
+
+def cotenant_map(cotenants: Mapping[str, Sequence[str]] | None) -> dict[str, Any]:
+    """`profile`'s coTenantsMap for parts that run together (nothing when none do: mmgp keeps its own)."""
+    if not cotenants:
+        return {}
+    return {"coTenantsMap": MMGP_COTENANTS | {name: list(others) for name, others in cotenants.items()}}
 
 
 def keep_precision(parts: dict[str, Any]) -> None:
@@ -180,9 +194,10 @@ class OffloadTransform:
     name: str = "offload"
     reversible: bool = True
     handle: OffloadHandle | None = None
+    cotenants: Mapping[str, Sequence[str]] = field(default_factory=dict)  # parts that share the GPU (step_cotenants)
 
     def apply(self, model: Any) -> None:
-        self.handle = apply_offload(model, self.profile, self.device, self.dtype, self.components)
+        self.handle = apply_offload(model, self.profile, self.device, self.dtype, self.components, self.cotenants)
         hooks = hooks_of(model)
         if hooks is not None:
             hooks.after_generate.add(self.name, self.handle.after_generation)

@@ -164,6 +164,10 @@ def run_chain(
 class ZImageControlNet(nn.Module):
     """ControlNet Union. forward(transformer, latents, t, captions, control, scale) -> {main layer: residual}."""
 
+    # Its forward's float inputs must arrive in fp32 whatever the weights' dtype (see ZImageTransformer): t feeds
+    # the transformer's time embedding, and the control context is cast where it is embedded.
+    fp32_input_modules: tuple[str, ...] = ("",)
+
     def __init__(self, cfg: ZImageControlNetConfig, backbone: ZImageConfig):
         super().__init__()
         if (cfg.dim, cfg.n_heads, cfg.patch_key) != (backbone.dim, backbone.n_heads, backbone.patch_key):
