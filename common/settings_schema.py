@@ -64,6 +64,7 @@ class SettingSpec:
     label: str = ""  # the form's label; "" -> from the name
     lines: int = 1  # text: lines of the form's text box
     step: float | None = None  # numbers: the form's step
+    preview: bool = False  # image: the family shows it as the model will read it (handler.preview_input)
 
     def __post_init__(self) -> None:
         # A malformed declaration is the family author's bug: say so when the schema is built.

@@ -145,3 +145,17 @@ def test_guide_image_is_required(config: HostConfig) -> None:
     model = wgp.load_model("tiny_control_v2_1", config=config)
     with pytest.raises(SettingsError, match="'image_guide' is required"):
         model.generate(**settings(image_guide=None))
+
+
+def test_a_picture_turned_into_edges_is_what_the_controlnet_reads(config: HostConfig) -> None:
+    """control_preprocess canny on a picture = the Canny image given as it is (raw), pixel for pixel."""
+    from models.z_image.control_images import make_control_image
+
+    model = wgp.load_model("tiny_control_v2_1", config=config)
+    s = settings(image_guide=picture(4), control_preprocess="canny")
+    made = model.generate(**s)[0]
+    edges = make_control_image(picture(4), "canny", WIDTH, HEIGHT)
+    given = model.generate(**(s | {"image_guide": edges, "control_preprocess": "raw"}))[0]
+    plain = model.generate(**(s | {"control_preprocess": "raw"}))[0]
+    assert made.tobytes() == given.tobytes() and made.tobytes() != plain.tobytes()
+    assert model.last_result is not None and model.last_result.settings["control_preprocess"] == "raw"

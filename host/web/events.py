@@ -35,6 +35,7 @@ from host.web.form import (
     settings_from_image,
     snap_size,
 )
+from host.web.input_preview import InputPreviews, preview_ids
 from host.web.lora import LoraPanel
 from host.web.models import (
     count_tokens,
@@ -59,7 +60,7 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 300  # a status line, not a log
 
 
-class WebApp(LoraPanel):
+class WebApp(LoraPanel, InputPreviews):
     """One per server: the session, its worker thread, and the handlers the page calls."""
 
     def __init__(self, session: Session, settings_dir: Path | None):
@@ -116,7 +117,8 @@ class WebApp(LoraPanel):
         """Connect every event; `c` maps element ids to components."""
         self.c = c
         form = [c[f] for f in self.field_ids]
-        self.apply_outputs = [*form, *self._present("panel_image", "resolution"), c["family"], c["status"]]
+        previews = [c[i] for f in self.fields for i in preview_ids(f.id) if i in c]  # they follow their image's field
+        self.apply_outputs = [*form, *self._present("panel_image", "resolution"), *previews, c["family"], c["status"]]
         demo.load(self.on_model_input, [c["model"]], self.apply_outputs, show_progress="hidden")
         c["family"].input(self.on_family, [c["family"]], [c["model"]]).then(
             self.on_model_input, [c["model"]], self.apply_outputs, show_progress="hidden"
@@ -130,6 +132,7 @@ class WebApp(LoraPanel):
         self._wire_helpers(c)
         self._wire_run(c, form)
         self._wire_results(c)
+        self.wire_input_previews(c, form)
         self._wire_loras(c)
 
     def _wire_helpers(self, c: dict[str, Any]) -> None:

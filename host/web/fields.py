@@ -13,6 +13,7 @@ from typing import Any
 
 from host.settings import HOST_ONLY
 from host.web.form import FormField, resolution_choices
+from host.web.input_preview import preview_ids, preview_inputs
 
 SMALL_KINDS = {"int", "float", "bool", "choice"}  # share a row with their neighbours
 IMAGE_HEIGHT = 220
@@ -70,15 +71,21 @@ def _input(gr: Any, c: dict[str, Any], field: FormField) -> None:
     elif spec.kind == "choice":
         texts = [str(choice) for choice in spec.choices]
         c[fid] = gr.Dropdown(texts, allow_custom_value=not all(isinstance(x, str) for x in spec.choices), **common)
+    elif spec.kind == "image" and spec.preview:  # the upload and, beside it, what the model will read
+        with gr.Row():
+            _image_upload(gr, c, fid, common)
+            preview_inputs(gr, c, fid, spec.title, IMAGE_HEIGHT)
     elif spec.kind == "image":
-        # filepath without a mode: the uploaded file itself reaches the task (its sha256 is the file's)
-        c[fid] = gr.Image(
-            type="filepath", image_mode=None, sources=["upload", "clipboard"], height=IMAGE_HEIGHT, **common
-        )
+        _image_upload(gr, c, fid, common)
     elif spec.kind == "list":
         c[fid] = gr.Dropdown([], multiselect=True, allow_custom_value=True, scale=4, **common)
     else:  # text_or_list
         c[fid] = gr.Textbox(info=spec.help, **common)
+
+
+def _image_upload(gr: Any, c: dict[str, Any], fid: str, common: dict[str, Any]) -> None:
+    # filepath without a mode: the uploaded file itself reaches the task (its sha256 is the file's)
+    c[fid] = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"], height=IMAGE_HEIGHT, **common)
 
 
 def _size_inputs(gr: Any, c: dict[str, Any], fields: Sequence[FormField], field: FormField, app: Any) -> None:
@@ -113,6 +120,9 @@ def field_updates(
         if field.spec is not None:  # not the model picker
             value = {"value": values[field.id]} if field.id in values else {}
             updates[c[field.id]] = gr.update(visible=field.key in accepted, **value)
+            for part in preview_ids(field.id):  # an image's preview follows its upload
+                if part in c:
+                    updates[c[part]] = gr.update(visible=field.key in accepted)
     if "panel_image" in c:
         images = [f for f in fields if f.spec is not None and f.spec.kind == "image"]
         updates[c["panel_image"]] = gr.update(visible=any(f.key in accepted for f in images))

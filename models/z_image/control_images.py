@@ -5,8 +5,8 @@
 - canny: Canny edges (Canny 1986): Gaussian blur (sigma 1), Sobel gradients, thinning to the local maxima
   along the gradient, hysteresis between two thresholds on the Sobel magnitude (100 and 200 by default, the
   values ControlNet's canny annotator passes to OpenCV); white 1-pixel lines on black;
-- soft_edge: the blurred Sobel magnitude (sigma 2), scaled so its strongest edge is white (a classical
-  stand-in for HED/PiDiNet soft edges: no network is downloaded);
+- soft_edge: the blurred Sobel magnitude (sigma 2), scaled so its strongest edge is white (flat pictures stay
+  black: SOFT_EDGE_FLOOR); a classical stand-in for HED/PiDiNet soft edges, no network is downloaded;
 - scribble: Canny edges at lower thresholds (50, 100), thickened to 5-pixel strokes, as a hand scribble.
 Everything runs in torch on the CPU on 8-bit values; the result is an RGB PIL image of the requested size.
 """
@@ -24,6 +24,9 @@ from PIL import Image
 from common.errors import SettingsError
 
 SOBEL_X = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
+# The blurred Sobel magnitude (sigma 2) of a full black-to-white step peaks at 392 (measured on a straight
+# step); an edge needs a sixth of that (a step of ~42 grey levels) to be drawn white.
+SOFT_EDGE_FLOOR = 64.0
 
 
 def make_control_image(image: Image.Image, mode: str, width: int, height: int) -> Image.Image:
@@ -50,8 +53,9 @@ def canny(picture: Image.Image, low: float = 100.0, high: float = 200.0) -> Imag
 
 def soft_edge(picture: Image.Image) -> Image.Image:
     magnitude, _ = sobel(gaussian_blur(_luma(picture), 2.0))
-    peak = float(magnitude.max())
-    return _to_rgb(magnitude / peak if peak > 0 else magnitude)
+    # Scaled by the strongest edge, but never by less than SOFT_EDGE_FLOOR: a flat or faint picture stays dark
+    # instead of its rounding noise being stretched to white.
+    return _to_rgb(magnitude / max(float(magnitude.max()), SOFT_EDGE_FLOOR))
 
 
 def scribble(picture: Image.Image) -> Image.Image:

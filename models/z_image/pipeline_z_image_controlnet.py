@@ -110,6 +110,10 @@ class ZImageControlNetPipeline(ZImagePipeline):
         control, rest = split_control_settings(dict(settings))
         s = GenerationSettings.from_dict(rest)
         self.check_size(s.width, s.height)
+        if getattr(s, "sample_solver", "default") != "default":  # the ControlNet reads no TwinFlow target time
+            raise SettingsError(
+                f"sample_solver {s.sample_solver} is for the TwinFlow weights; a ControlNet model samples with 'default'"
+            )
         seed = resolve_seed(s.seed)
         timings: dict[str, float] = {}
         prompts = self.encode_prompts(s, timings)

@@ -30,7 +30,7 @@ CONTROL_SETTINGS: tuple[SettingSpec, ...] = (
         "image_guide", "image", None,
         "the control image: your own pose / depth / edge map (control_preprocess raw), or a picture turned into "
         "one by control_preprocess; stretched to the chosen resolution",
-        group="image", label="Control image (guide)",
+        group="image", label="Control image (guide)", preview=True,
     ),
     SettingSpec(
         "control_preprocess", "choice", "raw",

@@ -166,6 +166,19 @@ class ZImageHandler:
         files += [{"role": role, "URLs": [_sibling(anchor, name)]} for role, name in TEXT_ENCODER_FILES.items()]
         return files + _control_files(model_type, model_def)
 
+    def preview_input(self, model_type: str, name: str, settings: Mapping[str, Any]) -> Any:
+        """An image input as the model will read it (settings as `generate` gets them, images as PIL images): a
+        ControlNet type's `image_guide` after `control_preprocess`, at the chosen size. The web form's preview."""
+        if model_type not in CONTROL_TYPES or name != "image_guide":
+            raise SettingsError(f"{name} has no preview for {model_type}")
+        if settings.get("image_guide") is None:
+            raise SettingsError("no control image to preview: upload one as image_guide first")
+        from common.settings_schema import parse_size
+        from models.z_image.control_images import make_control_image
+
+        width, height = parse_size(settings["resolution"])
+        return make_control_image(settings["image_guide"], settings.get("control_preprocess", "raw"), width, height)
+
     def load_model(self, model_type: str, model_def: Mapping[str, Any], files: Mapping[str, Path], options: Mapping[str, Any]) -> Any:
         """Build the engine's pipeline from resolved files; `options` has device and dtype (host's choice)."""
         from models.z_image import loading_z_image
