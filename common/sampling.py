@@ -126,6 +126,13 @@ def twinflow_sigmas(num_steps: int) -> torch.Tensor:
 NoiseFn = Callable[[torch.Size], torch.Tensor]
 
 
+def seeded_noise(seed: int) -> NoiseFn:
+    """Standard-normal fp32 noise of any shape from one CPU generator seeded with `seed` (the same draws on any
+    device), each call continuing the stream: the step noise of a stochastic sampler."""
+    generator = torch.Generator("cpu").manual_seed(seed % 2**64)
+    return lambda shape: torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu")
+
+
 def denoise_twinflow(
     latents: torch.Tensor,
     sigmas: torch.Tensor,

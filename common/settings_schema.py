@@ -65,6 +65,9 @@ class SettingSpec:
     lines: int = 1  # text: lines of the form's text box
     step: float | None = None  # numbers: the form's step
     preview: bool = False  # image: the family shows it as the model will read it (handler.preview_input)
+    # The settings this one acts through: it has an effect only while one of them is above its value (the web
+    # form marks it inactive otherwise). The negative prompt: (("guidance_scale", 0), ("NAG_scale", 1)).
+    active_when: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         # A malformed declaration is the family author's bug: say so when the schema is built.
@@ -100,6 +103,20 @@ def with_defaults(specs: Iterable[SettingSpec], defaults: Mapping[str, Any]) -> 
     if unknown:
         raise ValueError(f"defaults for settings the schema does not declare: {', '.join(sorted(unknown))}")
     return [s.with_default(defaults[s.name]) if s.name in defaults else s for s in specs]
+
+
+def is_active(spec: SettingSpec, values: Mapping[str, Any]) -> bool:
+    """Whether `spec` has an effect with these values (its `active_when`; always without one). A setting
+    named there but missing or not a number counts as not above its value."""
+    if not spec.active_when:
+        return True
+    for name, above in spec.active_when:
+        try:
+            if float(values.get(name)) > above:
+                return True
+        except (TypeError, ValueError):
+            continue
+    return False
 
 
 def defaults_of(specs: Iterable[SettingSpec]) -> dict[str, Any]:

@@ -179,7 +179,10 @@ def build_preset(
         known = ", ".join(registry.architectures) or "none"
         raise PresetError(f"{where}: unknown architecture {arch!r} (known: {known})")
     handler = registry.handlers[arch]
-    family_fields = handler.query_model_def(model_type, block)
+    try:  # a family may refuse a model-block value: say which file
+        family_fields = handler.query_model_def(model_type, block)
+    except UserInputError as exc:
+        raise PresetError(f"{where}: {exc}") from None
     _check_model_block(block, set(family_fields), where)
     model_def = {**family_fields, **block}
     for key in ("URLs", "text_encoder_URLs"):

@@ -99,6 +99,12 @@ ZIMAGE_TURBO = {
     "batch_size": 1,
     "cfg_normalization": False,
     "cfg_truncation": 1.0,
+    "NAG_scale": 1.0,  # NAG, the sampler and seed variety (issue 11 items 4-6)
+    "NAG_tau": 3.5,
+    "NAG_alpha": 0.5,
+    "sample_solver": "default",
+    "seed_variety": 0.0,
+    "seed_variety_steps": 2,
     "max_sequence_length": 512,
     "image_start": None,  # image-to-image and inpainting (issue 11 item 1)
     "image_mask": None,
@@ -299,7 +305,8 @@ def test_docs_tables_list_a_family_setting_the_host_never_heard_of(tmp_path: Pat
 
 OLD_FORM = (  # host/web_form.py FORM_FIELDS before the schema: the Z-Image page's inputs, in page order
     "model prompt negative_prompt width height steps guidance flow_shift seed batch_size cfg_normalization "
-    "cfg_truncation max_tokens image_start image_mask denoising_strength image_guide control_preprocess control_net_weight "
+    "cfg_truncation nag_scale nag_tau nag_alpha sample_solver seed_variety seed_variety_steps max_tokens image_start image_mask "
+    "denoising_strength image_guide control_preprocess control_net_weight "
     "quantization profile attention output_format "
     "loras loras_multipliers"
 ).split()

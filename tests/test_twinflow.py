@@ -3,14 +3,23 @@ hand, and the transformer's second (target) timestep."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+from common.errors import SettingsError
 from common.sampling import denoise_twinflow, twinflow_sigmas
+from host.registry import REPO_ROOT
+from host.session import HostConfig, Session
+from models.z_image.pipeline_z_image import twinflow_model_time
+from models.z_image.settings_z_image import GenerationSettings
 from models.z_image.tiny_z_image import TINY_CONFIG
 from models.z_image.transformer_z_image import ZImageTransformer
+from tests.fixtures.pipelines import flat_pipeline
 
 # t_i = 1 - linspace(0.001, 1 - end_gap, N)_i, then 0; end_gap 0.6 for 1-2 steps, 0.5 for 3-4 (by hand):
 HAND_GRIDS = {
@@ -95,3 +104,93 @@ def test_target_timestep_reaches_the_output_only_when_given(model: ZImageTransfo
     assert torch.equal(model(x, t, caps, t_target=t.clone()), plain)  # gap 0 adds exactly 0
     moved = model(x, t, caps, t_target=torch.tensor([0.0]))
     assert float((moved - plain).abs().mean()) > 1e-3 * float(plain.abs().mean())
+
+
+# -- through the pipeline, the settings and Wan2GP's preset -----------------------------------------
+
+# deepbeepmeep/Wan2GP defaults/z_image_twinflow_turbo.json (commit 42c40fe8), byte for byte.
+WAN2GP_PRESET = """{
+    "model": {
+        "name": "TwinFlow Z-Image Turbo",
+        "architecture": "z_image",
+        "description": "TwinFlow is a distilled Z-Image Turbo Finetune optimized for 1 to 4 steps Image Generations.",
+        "unified_solver": true,
+        "URLs": [
+            "https://huggingface.co/DeepBeepMeep/Z-Image/TwinFlow-Z-Image-Turbo_bf16.safetensors",
+            "https://huggingface.co/DeepBeepMeep/Z-Image/TwinFlow-Z-Image-Turbo_quanto_bf16_int8.safetensors"
+        ]
+    },
+    "resolution": "1024x1024",
+    "batch_size": 1,
+    "num_inference_steps": 2,
+    "guidance_scale": 0
+}
+"""
+BASE = dict(prompt="a photo of a cat sitting on a red chair", width=64, height=64, seed=3)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_flat_layout: dict[str, Path]) -> Any:
+    return flat_pipeline(tiny_flat_layout)
+
+
+def test_pipeline_runs_the_grid_with_the_target_timestep(pipe: Any) -> None:
+    calls: list[tuple[list[float], list[float] | None]] = []
+
+    def record(module: Any, args: tuple, kwargs: dict) -> None:
+        target = kwargs.get("t_target")
+        calls.append((args[1].tolist(), None if target is None else target.tolist()))
+
+    hook = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        first = pipe.generate({**BASE, "num_inference_steps": 2, "sample_solver": "twinflow"}).images[0]
+    finally:
+        hook.remove()
+    # 2 steps = 2 calls at t = 1 - grid = 0.001, 0.4, each asking for the jump to the clean end: the target 0
+    # reaches the model as 0 (sign(0) * (1 - 0), TwinFlow's conversion)
+    assert [t for t, _ in calls] == [pytest.approx([0.001], abs=1e-6), pytest.approx([0.4], abs=1e-6)]
+    assert [target for _, target in calls] == [[0.0], [0.0]]
+    again = pipe.generate({**BASE, "num_inference_steps": 2, "sample_solver": "unified"}).images[0]  # Wan2GP's name
+    assert again.tobytes() == first.tobytes()  # the step noise is seeded: same seed, same image
+    other = pipe.generate({**BASE, "num_inference_steps": 2, "sample_solver": "twinflow", "seed": 4}).images[0]
+    euler = pipe.generate({**BASE, "num_inference_steps": 2}).images[0]
+    assert other.tobytes() != first.tobytes() and euler.tobytes() != first.tobytes()
+
+
+def test_twinflow_model_time_conversion() -> None:
+    assert twinflow_model_time(0.999) == pytest.approx(0.001)
+    assert twinflow_model_time(0.0) == 0.0  # sign(0) = 0: the clean-end target
+    assert twinflow_model_time(-0.25) == pytest.approx(-0.75)  # TwinFlow's negative (fake-trajectory) times
+
+
+def test_twinflow_step_count_is_checked_with_the_fix() -> None:
+    with pytest.raises(SettingsError, match="twinflow takes 1 to 4 steps.*use sample_solver 'default'"):
+        GenerationSettings.from_dict({"prompt": "a cat", "sample_solver": "twinflow", "num_inference_steps": 8})
+    unified = GenerationSettings.from_dict({"prompt": "a cat", "sample_solver": "unified", "num_inference_steps": 4})
+    assert unified.sample_solver == "twinflow"
+
+
+def test_wan2gp_twinflow_preset_loads_unchanged_and_picks_the_sampler(tmp_path: Path) -> None:
+    defaults = tmp_path / "defaults"
+    defaults.mkdir()
+    (defaults / "z_image_twinflow_turbo.json").write_text(WAN2GP_PRESET)
+    session = Session(HostConfig(defaults_dir=defaults, finetunes_dir=None, ckpts=tmp_path / "ckpts", allow_download=False, device="cpu"))
+    assert session.catalog.errors == []
+    preset = session.catalog.get("z_image_twinflow_turbo")
+    assert preset.model_def["unified_solver"] is True
+    settings = session.prepare({"model_type": "z_image_twinflow_turbo", "prompt": "a fox"}).settings
+    assert (settings["sample_solver"], settings["num_inference_steps"], settings["guidance_scale"]) == ("twinflow", 2, 0.0)
+    # the shipped preset is Wan2GP's, with one more sentence in its description
+    shipped = json.loads((REPO_ROOT / "defaults" / "z_image_twinflow_turbo.json").read_text())
+    wan2gp = json.loads(WAN2GP_PRESET)
+    assert shipped["model"].pop("description").startswith(wan2gp["model"].pop("description"))
+    assert shipped == wan2gp
+
+
+def test_unified_solver_must_be_a_switch(tmp_path: Path) -> None:
+    defaults = tmp_path / "defaults"
+    defaults.mkdir()
+    (defaults / "tf.json").write_text(WAN2GP_PRESET.replace('"unified_solver": true', '"unified_solver": "yes"'))
+    session = Session(HostConfig(defaults_dir=defaults, finetunes_dir=None, ckpts=tmp_path / "ckpts", allow_download=False, device="cpu"))
+    [error] = session.catalog.errors
+    assert "tf.json" in error and "model.unified_solver must be true or false" in error

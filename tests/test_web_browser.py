@@ -189,6 +189,13 @@ def test_negative_prompt_is_marked_inactive_on_turbo(page: object) -> None:
     set_field(page, "guidance", "3")  # guidance on: now the negative prompt acts
     expect(negative).to_contain_text("active")
     expect(negative).not_to_have_class(_contains("wgp-inactive"))
+    set_field(page, "guidance", "0")  # off again, then NAG on: the negative prompt acts through NAG
+    expect(negative).to_have_class(_contains("wgp-inactive"))
+    set_field(page, "nag_scale", "3")
+    expect(negative).to_contain_text("active: NAG_scale > 1")
+    expect(negative).not_to_have_class(_contains("wgp-inactive"))
+    set_field(page, "nag_scale", "1")
+    expect(negative).to_have_class(_contains("wgp-inactive"))
     choose(page, "model", "Base")
     expect(page.locator("#guidance input")).to_have_value("4")
     expect(negative).not_to_have_class(_contains("wgp-inactive"))

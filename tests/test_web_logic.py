@@ -31,12 +31,12 @@ from host.web.form import (
     snap_size,
 )
 from host.web.models import (
+    activity_note,
     count_tokens,
     files_report,
     memory_plan,
     model_choices,
     models_of_family,
-    negative_prompt_note,
     out_of_memory_advice,
 )
 from host.web.preview import LatentPreviewer, latents_to_rgb, preview_interval
@@ -224,10 +224,17 @@ def test_files_report_names_missing_files_and_where_to_put_them(tmp_path: Path) 
     assert files_report(ready, ready.catalog.get("toy"), "bf16").ready
 
 
-def test_negative_prompt_acts_only_with_guidance() -> None:
-    assert negative_prompt_note(0)[0] is False and "no effect" in negative_prompt_note(0.0)[1]
-    assert negative_prompt_note(None)[0] is False
-    assert negative_prompt_note(4.0)[0] is True
+def test_negative_prompt_acts_only_with_guidance_or_nag() -> None:
+    """The rule is Z-Image's own declaration (its negative_prompt spec's active_when), not a name in host/."""
+    from models.z_image.settings_z_image import SPECS
+
+    spec = SPECS["negative_prompt"]
+    off = activity_note(spec, {"guidance_scale": 0.0, "NAG_scale": 1.0})
+    assert off[0] is False and "no effect" in off[1] and "NAG_scale above 1" in off[1]
+    assert activity_note(spec, {"guidance_scale": None})[0] is False
+    assert activity_note(spec, {"guidance_scale": 4.0, "NAG_scale": 1.0}) == (True, "Negative prompt (active: guidance_scale > 0)")
+    assert activity_note(spec, {"guidance_scale": 0, "NAG_scale": 3}) == (True, "Negative prompt (active: NAG_scale > 1)")
+    assert activity_note(SPECS["prompt"], {}) == (True, "Prompt")  # no rule: always active
 
 
 def test_token_count_exact_with_the_tokenizer_and_estimated_without(tiny_flat_layout: dict[str, Path]) -> None:

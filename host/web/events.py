@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from host.web.form import (
 from host.web.input_preview import InputPreviews, preview_ids
 from host.web.lora import LoraPanel
 from host.web.models import (
+    activity_note,
     count_tokens,
     detected_vram_gb,
     family_of,
@@ -48,7 +50,6 @@ from host.web.models import (
     memory_plan,
     model_choices,
     models_of_family,
-    negative_prompt_note,
     out_of_memory_advice,
     tokenizer_folder,
 )
@@ -147,8 +148,10 @@ class WebApp(LoraPanel, InputPreviews):
                     c[name].change(
                         self.on_tokens, token_inputs, [c["token_count"]], show_progress="hidden", trigger_mode="always_last"
                     )
-        if "guidance" in c and "negative_prompt" in c:
-            c["guidance"].change(self.on_guidance, [c["guidance"]], [c["negative_prompt"]], show_progress="hidden")
+        for target, sources in self._activity_sources().items():  # the negative prompt follows guidance and NAG
+            inputs = [c[f.id] for f in sources]
+            for source in inputs:
+                source.change(self._activity_handler(target, sources), inputs, [c[target]], show_progress="hidden")
         if "width" in c:
             size = [c["width"], c["height"]]
             c["resolution"].input(self.on_resolution, [c["resolution"]], size, show_progress="hidden")
@@ -212,8 +215,10 @@ class WebApp(LoraPanel, InputPreviews):
             files = lora_files(self.session, catalog[model_type])
             lora_update = {"choices": files} | ({"value": values["loras"]} if "loras" in values else {})
             updates[c["loras"]] = updates.get(c["loras"], {}) | gr.update(**lora_update)
-        if "guidance" in values and "negative_prompt" in c:  # the negative prompt's note follows the guidance
-            updates[c["negative_prompt"]] = updates.get(c["negative_prompt"], {}) | self.on_guidance(values["guidance"])
+        for target, sources in self._activity_sources().items():  # notes that follow other settings' values
+            if any(f.id in values for f in sources):
+                known = {f.key: values[f.id] for f in sources if f.id in values}
+                updates[c[target]] = updates.get(c[target], {}) | self.on_activity(target, known)
         if "width" in values:
             shown = resolution_value(values["width"], values["height"], self._resolutions())
             updates[c["resolution"]] = updates.get(c["resolution"], {}) | gr.update(value=shown)
@@ -253,8 +258,31 @@ class WebApp(LoraPanel, InputPreviews):
         folder = tokenizer_folder(self.session, preset, quantization or "int8")
         return count_tokens(prompt or "", folder, int(max_tokens or 512)).markdown()
 
-    def on_guidance(self, guidance: float | None) -> Any:
-        active, label = negative_prompt_note(guidance)
+    def _activity_sources(self) -> dict[str, list[FormField]]:
+        """Field id -> the fields it follows, for settings that act only through others (their spec's
+        `active_when`, declared by the family: the negative prompt acts through guidance or NAG)."""
+        by_key: dict[str, FormField] = {}
+        for f in self.fields:
+            if f.spec is not None and f.id in self.c:
+                by_key.setdefault(f.key, f)
+        found = {}
+        for f in self.fields:
+            if f.spec is not None and f.spec.active_when and f.id in self.c:
+                sources = [by_key[name] for name, _ in f.spec.active_when if name in by_key]
+                if sources:
+                    found[f.id] = sources
+        return found
+
+    def _activity_handler(self, target: str, sources: list[FormField]) -> Callable[..., Any]:
+        def handler(*values: Any) -> Any:
+            return self.on_activity(target, {f.key: v for f, v in zip(sources, values, strict=True)})
+
+        return handler
+
+    def on_activity(self, target: str, values: Mapping[str, Any]) -> Any:
+        """The label and look of field `target` for these values of the settings it follows (by name)."""
+        spec = next(f.spec for f in self.fields if f.id == target)
+        active, label = activity_note(spec, values)
         return gr.update(label=label, elem_classes=[] if active else ["wgp-inactive"])
 
     def on_resolution(self, resolution: str | None) -> tuple[Any, Any]:

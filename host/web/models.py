@@ -9,11 +9,12 @@ import functools
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from common.errors import MissingFilesError, UserInputError
+from common.settings_schema import SettingSpec, is_active
 from host.files import resolve_files, specs_from_model_def
 from host.presets import Preset
 from host.session import Session
@@ -192,11 +193,16 @@ def count_tokens(prompt: str, folder: Path | None, limit: int) -> TokenCount:
 # -- negative prompt -----------------------------------------------------------------------------
 
 
-def negative_prompt_note(guidance_scale: float | None) -> tuple[bool, str]:
-    """(active, label): the negative prompt only acts through classifier-free guidance (scale > 0)."""
-    if guidance_scale is not None and float(guidance_scale) > 0:
-        return True, "Negative prompt (active: guidance > 0)"
-    return False, "Negative prompt — no effect: guidance is 0 (Turbo-style model); raise guidance to use it"
+def activity_note(spec: SettingSpec, values: Mapping[str, Any]) -> tuple[bool, str]:
+    """(active, label) of a setting that acts only through others, by the rule its family declares (the spec's
+    `active_when`): Z-Image's negative prompt acts through guidance (CFG) or NAG. `values` by setting name."""
+    if not spec.active_when:
+        return True, spec.title
+    if is_active(spec, values):
+        held = next(f"{n} > {v:g}" for n, v in spec.active_when if is_active(replace(spec, active_when=((n, v),)), values))
+        return True, f"{spec.title} (active: {held})"
+    raise_text = " or ".join(f"{n} above {v:g}" for n, v in spec.active_when)
+    return False, f"{spec.title} — no effect with these settings: raise {raise_text} to use it"
 
 
 # -- LoRAs ---------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ the transformer takes t = 1 - sigma and returns x0 - noise, the negated flow vel
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -20,13 +21,24 @@ from PIL import Image
 
 from common.errors import NonFiniteOutputError, SettingsError
 from common.model_hooks import ModelHooks
-from common.sampling import Guidance, apply_guidance, denoise, get_sigmas
+from common.nag import NAGOptions
+from common.sampling import (
+    Guidance,
+    apply_guidance,
+    denoise,
+    denoise_twinflow,
+    get_sigmas,
+    seeded_noise,
+    twinflow_sigmas,
+)
 from models.z_image.settings_z_image import GenerationSettings
 from models.z_image.transformer_z_image import ZImageConfig, ZImageTransformer
+from models.z_image.variety_z_image import prompt_schedule
 
 log = logging.getLogger(__name__)
 
 LATENT_CHANNELS = 16
+TWINFLOW_NOISE_OFFSET = 0x7F10  # TwinFlow's step noise: its own stream, not a replay of the starting noise's
 VAE_FACTOR = 8  # the released VAE's; a pipeline reads its own VAE's factor (`ZImagePipeline.vae_scale_factor`)
 
 
@@ -206,23 +218,47 @@ class ZImagePipeline:
     # -- 3. denoise -----------------------------------------------------------------------------
 
     def velocity(
-        self, latents: torch.Tensor, sigma: float, pos: list[torch.Tensor], neg: list[torch.Tensor], guidance: Guidance
+        self,
+        latents: torch.Tensor,
+        sigma: float,
+        pos: list[torch.Tensor],
+        neg: list[torch.Tensor],
+        guidance: Guidance,
+        nag: NAGOptions | None = None,
+        target: float | None = None,
     ) -> torch.Tensor:
-        """The seam: t = 1 - sigma in, v = -(model output) out, guidance combined in fp32."""
+        """The seam: t = 1 - sigma in, v = -(model output) out, guidance combined in fp32.
+
+        nag: with guidance off at this sigma, the negative captions steer the attention instead (one forward
+        over [positive ; negative], the transformer's NAG). target: TwinFlow's target time (sigma-like), passed
+        to the transformer as its second timestep (`twinflow_model_time`).
+        """
         scale = guidance.scale_at(sigma)
         B = latents.shape[0]
         x = latents.to(self.transformer.dtype)
         t = torch.full((B,), 1.0 - sigma, dtype=torch.float32, device=latents.device)
-        if scale == 0:
-            out = self.predict(x, t, pos).float()
+        twin = {} if target is None else {"t_target": torch.full_like(t, twinflow_model_time(target))}
+        if scale == 0 and nag is not None and neg:
+            twin = {k: torch.cat([v, v]) for k, v in twin.items()}
+            out = self.predict(torch.cat([x, x]), torch.cat([t, t]), pos + neg, nag=nag, **twin)[:B].float()
+        elif scale == 0:
+            out = self.predict(x, t, pos, **twin).float()
         elif self.batch_cfg:
-            both = self.predict(torch.cat([x, x]), torch.cat([t, t]), pos + neg).float()
+            twin = {k: torch.cat([v, v]) for k, v in twin.items()}
+            both = self.predict(torch.cat([x, x]), torch.cat([t, t]), pos + neg, **twin).float()
             out = apply_guidance(both[:B], both[B:], scale, guidance.normalization)
         else:
-            out_pos = self.predict(x, t, pos).float()
-            out_neg = self.predict(x, t, neg).float()
+            out_pos = self.predict(x, t, pos, **twin).float()
+            out_neg = self.predict(x, t, neg, **twin).float()
             out = apply_guidance(out_pos, out_neg, scale, guidance.normalization)
         return -out  # model output is x0 - noise; the flow velocity is noise - x0
+
+    @staticmethod
+    def schedule(s: GenerationSettings) -> torch.Tensor:
+        """The sampler's times ((steps + 1,) fp32, ending at 0): TwinFlow's own grid, else the shifted sigmas."""
+        if s.sample_solver == "twinflow":
+            return twinflow_sigmas(s.num_inference_steps)
+        return get_sigmas(s.num_inference_steps, s.flow_shift)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, captions: list[torch.Tensor], **inputs: Any) -> torch.Tensor:
         """One transformer evaluation: (B, 16, h, w) latents, (B,) t, B captions -> raw output (x0 - noise).
@@ -281,8 +317,8 @@ class ZImagePipeline:
         timings: dict[str, float] = {}
         prompts = self.encode_prompts(s, timings)
         latents = self.prepare_latents(s.batch_size, s.width, s.height, seed, self.vae_scale_factor).to(self.device)
-        sigmas = get_sigmas(s.num_inference_steps, s.flow_shift)
-        latents = self.denoise_latents(latents, sigmas, s, prompts, timings, on_step, before_step)
+        sigmas = self.schedule(s)
+        latents = self.denoise_latents(latents, sigmas, s, prompts, timings, on_step, before_step, seed=seed)
         return self.finish(latents, seed, s, prompts, timings)
 
     # -- the steps every variant (text-to-image, image-to-image, inpainting) calls -------------------
@@ -292,7 +328,7 @@ class ZImagePipeline:
         when it is loaded on demand."""
         start = time.perf_counter()
         pos = self.encode_prompt(s.prompt, s.max_sequence_length)
-        neg = self.encode_prompt(s.negative_prompt, s.max_sequence_length) if s.uses_guidance else None
+        neg = self.encode_prompt(s.negative_prompt, s.max_sequence_length) if s.uses_negative_prompt else None
         if self.load_text_encoder is not None:
             self.text_encoder = None  # loaded on demand: do not keep it beside the transformer
         timings["text_encoding_s"] = time.perf_counter() - start
@@ -308,15 +344,21 @@ class ZImagePipeline:
         on_step: StepCallback | None,
         before_step: BeforeStepCallback | None,
         after_step: AfterStepFn | None = None,
+        seed: int | None = None,
     ) -> torch.Tensor:
-        """Run the steps of `sigmas` ((steps + 1,), ending at 0) from `latents` (B, 16, h, w) at sigmas[0].
+        """Run the steps of `sigmas` ((steps + 1,), ending at 0) from `latents` (B, 16, h, w) at sigmas[0],
+        with the sampler `s.sample_solver` names.
 
         `after_step(step, latents) -> latents` may change the latents after each step (inpainting puts the
-        known region back); progress and hooks count the steps of this run.
+        known region back); progress and hooks count the steps of this run. `seed` (default: s.seed) seeds
+        the seed-variety perturbation and TwinFlow's step noise.
         """
         guidance = Guidance(s.guidance_scale, s.cfg_normalization, s.cfg_truncation)
-        pos_list = [prompts.pos.embeds] * s.batch_size
+        nag = NAGOptions(s.NAG_scale, s.NAG_tau, s.NAG_alpha) if s.uses_nag else None
+        seed = s.seed if seed is None else seed
+        captions = prompt_schedule(prompts.pos.embeds, s.batch_size, s.seed_variety, s.seed_variety_steps, seed)
         neg_list = [prompts.neg.embeds] * s.batch_size if prompts.neg is not None else []
+        twinflow = s.sample_solver == "twinflow"
         total = len(sigmas) - 1
         start = time.perf_counter()
 
@@ -324,13 +366,18 @@ class ZImagePipeline:
             self.hooks.before_step(step, total)
             if before_step is not None:
                 before_step(step, total)
-            return self.velocity(x, sigma, pos_list, neg_list, guidance)
+            # TwinFlow's few-step style: every step asks for the jump to the clean end (target time 0)
+            return self.velocity(x, sigma, captions.at(step), neg_list, guidance, nag, 0.0 if twinflow else None)
 
         def step_done(step: int, x: torch.Tensor) -> None:
             if on_step is not None:
                 on_step(StepEvent(step + 1, total, time.perf_counter() - start, x))
 
-        latents = denoise(latents, sigmas.to(self.device), velocity, step_done, after_step)
+        if twinflow:
+            noise = seeded_noise(seed + TWINFLOW_NOISE_OFFSET)
+            latents = denoise_twinflow(latents, sigmas.to(self.device), velocity, noise, step_done, after_step)
+        else:
+            latents = denoise(latents, sigmas.to(self.device), velocity, step_done, after_step)
         timings["denoise_s"] = time.perf_counter() - start
         timings["s_per_it"] = timings["denoise_s"] / total
         check_finite(latents)
@@ -364,6 +411,14 @@ def draw_noise(generator: torch.Generator, batch: int, width: int, height: int, 
 def resolve_seed(seed: int) -> int:
     """-1 -> a random seed (reported in the result), otherwise the seed itself."""
     return seed if seed >= 0 else secrets.randbelow(2**32)
+
+
+def twinflow_model_time(sigma: float) -> float:
+    """A TwinFlow time (sigma-like, signed: negative times are its training's fake trajectory) in the transformer's
+    convention, as TwinFlow's Z-Image wrapper converts it: sign(s) * (1 - |s|). For s > 0 that is 1 - sigma, like t;
+    the target s = 0 (the jump to the clean image) reaches the model as 0, since sign(0) = 0 (read in
+    smthemex/ComfyUI_TwinFlow's diffusers_patch/z_image/modeling_z_image.py; to confirm on the real weights)."""
+    return math.copysign(1.0, sigma) * (1.0 - abs(sigma)) if sigma != 0 else 0.0
 
 
 def drop_unused_text_layers(text_encoder: Any) -> Any:

@@ -88,14 +88,17 @@ class ZImageHandler:
         return fix_wan2gp_settings(settings, defaults["flow_shift"], BASE_NEGATIVE_PROMPT)
 
     def query_model_def(self, model_type: str, model_block: Mapping[str, Any]) -> dict[str, Any]:
-        """The model-block keys Z-Image adds: the ControlNet types' `modules` (Wan2GP's ControlNet files)."""
-        if model_block.get("architecture") in CONTROL_TYPES:
+        """The model-block keys Z-Image adds, with their defaults: `unified_solver` (Wan2GP's TwinFlow presets: the
+        weights are sampled with sample_solver twinflow by default) and, for the ControlNet types, `modules`."""
+        if not isinstance(model_block.get("unified_solver", False), bool):
+            raise SettingsError(f"model.unified_solver must be true or false, got {model_block['unified_solver']!r}")
+        if model_block.get("architecture") in CONTROL_TYPES:  # the ControlNet file(s): Wan2GP's "modules"
             from models.z_image.settings_z_image_control import check_modules
 
-            return {"modules": check_modules(model_block.get("modules"))}
+            return {"unified_solver": False, "modules": check_modules(model_block.get("modules"))}
         if "modules" in model_block:
             raise SettingsError(f"model.modules (ControlNet files) is for the {', '.join(CONTROL_TYPES)} architectures")
-        return {}
+        return {"unified_solver": False}
 
     def query_model_facts(self, model_type: str, model_def: Mapping[str, Any]) -> ModelFacts:
         """Sizes, int8 layers, latent format and components (models/z_image/facts_z_image.py); one set
@@ -117,6 +120,8 @@ class ZImageHandler:
         """The schema's defaults for `model_type` (Wan2GP's call); a preset's values override them."""
         for spec in self.query_settings_schema(model_type):
             settings.setdefault(spec.name, spec.default)
+        if model_def.get("unified_solver"):  # TwinFlow weights: their few-step sampler unless the preset says otherwise
+            settings["sample_solver"] = "twinflow"
 
     def validate_settings(self, model_type: str, settings: Mapping[str, Any]) -> dict[str, Any]:
         """The engine's own validation (raises SettingsError naming the field); values normalised."""
