@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CKPTS = REPO_ROOT / "ckpts"
 HF_URL = re.compile(r"^(?P<endpoint>https?://[^/]+)/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
+# Wan2GP also writes Hub files as https://huggingface.co/<owner>/<repo>/<path>, without /resolve/<rev>/ (its
+# TwinFlow preset does); the Hub serves files only under /resolve/, so that form means the file at revision main.
+HF_SHORT_URL = re.compile(r"^https://huggingface\.co/(?P<repo>[^/]+/[^/]+)/(?!(?:resolve|blob|tree|raw)/)(?P<path>.+)$")
 DTYPE_TOKENS = {
     "int8": "int8",
     "qint8": "int8",
@@ -98,6 +101,9 @@ def parse_entry(role: str, entry: str) -> FileEntry:
     match = HF_URL.match(entry)
     if match:
         return FileEntry(role, entry, match["path"], None, entry)
+    match = HF_SHORT_URL.match(entry)
+    if match:
+        return FileEntry(role, entry, match["path"], None, f"https://huggingface.co/{match['repo']}/resolve/main/{match['path']}")
     if entry.startswith(("http://", "https://")):
         return FileEntry(role, entry, PurePosixPath(entry.split("?")[0]).name, None, entry)
     path = Path(entry).expanduser()

@@ -48,6 +48,18 @@ def test_entries_parse_to_local_path_and_url() -> None:
     assert parse_entry("t", "sub/file.safetensors").relpath == "sub/file.safetensors"
 
 
+def test_wan2gp_short_hub_urls_download_from_revision_main() -> None:
+    """Wan2GP's TwinFlow preset lists https://huggingface.co/<owner>/<repo>/<file> (no /resolve/main/); the VAE and
+    other companions are found next to it the same way."""
+    entry = parse_entry("transformer", "https://huggingface.co/DeepBeepMeep/Z-Image/TwinFlow-Z-Image-Turbo_bf16.safetensors")
+    assert entry.relpath == "TwinFlow-Z-Image-Turbo_bf16.safetensors"
+    assert entry.url == "https://huggingface.co/DeepBeepMeep/Z-Image/resolve/main/TwinFlow-Z-Image-Turbo_bf16.safetensors"
+    nested = parse_entry("text_encoder", "https://huggingface.co/DeepBeepMeep/Z-Image/Qwen3/qwen3_bf16.safetensors")
+    assert (nested.relpath, nested.url) == ("Qwen3/qwen3_bf16.safetensors", f"{HF}Qwen3/qwen3_bf16.safetensors")
+    blob = "https://huggingface.co/DeepBeepMeep/Z-Image/blob/main/x.safetensors"  # a page, not the short form
+    assert parse_entry("t", blob).url == blob
+
+
 def test_locate_in_primary_then_extra_folders_recursively(tmp_path: Path) -> None:
     primary, comfy, hf_cache = tmp_path / "ckpts", tmp_path / "ComfyUI" / "models", tmp_path / "hub"
     (primary / "Qwen3").mkdir(parents=True)
