@@ -194,3 +194,20 @@ def test_unified_solver_must_be_a_switch(tmp_path: Path) -> None:
     session = Session(HostConfig(defaults_dir=defaults, finetunes_dir=None, ckpts=tmp_path / "ckpts", allow_download=False, device="cpu"))
     [error] = session.catalog.errors
     assert "tf.json" in error and "model.unified_solver must be true or false" in error
+
+
+def test_image_to_image_runs_on_the_twinflow_grid(pipe: Any) -> None:
+    """Strength 0.5 of 4 TwinFlow steps keeps the last 2 of the grid (0.999, 0.8327, 0.6663, 0.5, 0): the model is
+    asked at t = 1 - 0.6663 and 1 - 0.5, each time for the clean end."""
+    from PIL import Image
+
+    calls: list[tuple[float, float]] = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((float(args[1][0]), float(kwargs["t_target"][0]))), with_kwargs=True
+    )
+    start = Image.new("RGB", (64, 64), (200, 40, 40))
+    try:
+        pipe.generate({**BASE, "num_inference_steps": 4, "sample_solver": "twinflow", "image_start": start, "denoising_strength": 0.5})
+    finally:
+        hook.remove()
+    assert calls == [(pytest.approx(1 - 0.6663333, abs=1e-6), 0.0), (pytest.approx(0.5, abs=1e-6), 0.0)]

@@ -121,7 +121,7 @@ class ZImageControlNetPipeline(ZImagePipeline):
         try:
             latents = self.prepare_latents(s.batch_size, s.width, s.height, seed, self.vae_scale_factor).to(self.device)
             sigmas = get_sigmas(s.num_inference_steps, s.flow_shift)
-            latents = self.denoise_latents(latents, sigmas, s, prompts, timings, on_step, before_step)
+            latents = self.denoise_latents(latents, sigmas, s, prompts, timings, on_step, before_step, seed=seed)
         finally:
             self.control = None
         return self.finish(latents, seed, s, prompts, timings)

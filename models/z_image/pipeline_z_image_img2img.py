@@ -21,7 +21,6 @@ import torch
 from PIL import Image
 
 from common.errors import SettingsError
-from common.sampling import get_sigmas
 from common.settings_schema import load_image
 from models.z_image.pipeline_z_image import (
     BeforeStepCallback,
@@ -40,7 +39,7 @@ def generate_from_image(
     """Image-to-image (`image_start`), or inpainting (`image_start` + `image_mask`), for one settings object."""
     if s.image_start is None:
         raise SettingsError("'image_mask' needs 'image_start': the picture whose white region is repainted")
-    sigmas = get_sigmas(s.num_inference_steps, s.flow_shift)
+    sigmas = pipe.schedule(s)  # the sampler's own times (TwinFlow's grid with sample_solver twinflow)
     sigmas = sigmas[first_step(s.num_inference_steps, s.denoising_strength) :]  # (kept steps + 1,)
     seed = resolve_seed(s.seed)
     timings: dict[str, float] = {}
@@ -59,7 +58,7 @@ def generate_from_image(
     if s.image_mask is not None:
         mask = latent_mask(s.image_mask, s.width, s.height, pipe.vae_scale_factor).to(pipe.device)
         after_step = KnownRegion(image_latents, noise, mask, sigmas)
-    latents = pipe.denoise_latents(latents, sigmas, s, prompts, timings, on_step, before_step, after_step)
+    latents = pipe.denoise_latents(latents, sigmas, s, prompts, timings, on_step, before_step, after_step, seed=seed)
     return pipe.finish(latents, seed, s, prompts, timings)
 
 
