@@ -119,3 +119,18 @@ def test_bad_modules_are_reported(tmp_path: Path, model: dict[str, Any], message
     catalog = load_presets(discover(DEFAULT_MODELS_ROOT), REPO_ROOT / "defaults", finetunes)
     assert "mine" not in catalog.presets
     assert any("mine.json" in e and message in e for e in catalog.errors), catalog.errors
+
+
+def test_the_memory_plan_counts_the_controlnet_with_the_transformer() -> None:
+    """The ControlNet runs beside the transformer at every step: a plan holds both sets of weights."""
+    from host.lowvram.planner import plan, sizes_from_facts
+
+    catalog = load_presets(discover(DEFAULT_MODELS_ROOT))
+    turbo, control = (sizes_from_facts(catalog.get(t).facts) for t in ("z_image", "z_image_control2_1"))
+    controlnet = catalog.get("z_image_control2_1").facts.component("controlnet")
+    # bf16: 2 bytes a parameter; int8: 1 byte for the int8 Linears' weights, 2 for the rest (planner.PartSize)
+    int8_bytes = controlnet.int8_params + 2 * (controlnet.params - controlnet.int8_params)
+    for quantization, bytes_of in (("bf16", 2 * controlnet.params), ("int8", int8_bytes)):
+        base, with_control = (plan(s, 1024, 1024, quantization, 1, cfg=False) for s in (turbo, control))
+        assert with_control.vram_gb - base.vram_gb == pytest.approx(bytes_of / 1e9, abs=0.01)
+        assert with_control.ram_gb - base.ram_gb == pytest.approx(bytes_of / 1e9, abs=0.01)

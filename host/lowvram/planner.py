@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.model_facts import DECODER, DENOISER, TEXT_ENCODER, ComponentFacts, ModelFacts
+from common.model_facts import AUXILIARY, DECODER, DENOISER, TEXT_ENCODER, ComponentFacts, ModelFacts
 
 GB = 1e9
 
@@ -53,14 +53,18 @@ class ModelSizes:
 
 def sizes_from_facts(facts: ModelFacts) -> ModelSizes | None:
     """The planner's sizes from a family's facts; None when they lack what a plan needs (the denoiser's
-    parameter count and widths, the latent format)."""
+    parameter count and widths, the latent format). Auxiliary parts run at every step beside the denoiser
+    (a ControlNet): their weights count with the denoiser's."""
     denoiser = facts.with_role(DENOISER)
     if denoiser is None or facts.latent is None or not (denoiser.params and denoiser.hidden and denoiser.ffn_hidden):
         return None
     text = facts.with_role(TEXT_ENCODER) or ComponentFacts("none", TEXT_ENCODER)
     decoder = facts.with_role(DECODER)
+    auxiliary = [c for c in facts.components if c.role == AUXILIARY]
     return ModelSizes(
-        transformer=PartSize(denoiser.params, denoiser.int8_params),
+        transformer=PartSize(
+            denoiser.params + sum(c.params for c in auxiliary), denoiser.int8_params + sum(c.int8_params for c in auxiliary)
+        ),
         text_encoder=PartSize(text.params, text.int8_params),
         vae_params=decoder.params if decoder is not None else 0,
         dim=denoiser.hidden,
