@@ -154,7 +154,7 @@ class ZImageControlNetPipeline(ZImagePipeline):
         else:
             picture = _as_pil(s.image_start, "image_start") if s.image_start is not None else guide_picture
             context = torch.cat([guide_latents, *self.inpaint_context(picture, s)], dim=1)
-        timings["control_encode_s"] = time.perf_counter() - start
+        timings["vae_encode_s"] = time.perf_counter() - start  # the guide (and masked picture) encodes
         return ControlInput(context, control.control_net_weight)
 
     def inpaint_context(self, picture: Image.Image, s: GenerationSettings) -> tuple[torch.Tensor, torch.Tensor]:
