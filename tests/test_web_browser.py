@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -159,9 +160,15 @@ def gallery_count(page: object) -> int:
     return page.locator("#gallery img").count()
 
 
+# Gradio lays an elapsed-time line ("0.1s") over an output while an event that updates it runs (the page's
+# polling timer updates the status every half second, so on a busy machine the line is often there).
+GRADIO_TIMER = re.compile(r"^\s*\d+(\.\d+)?s\s*$", re.M)
+
+
 def wait_status(page: object, text: str, timeout_ms: int = RUN_TIMEOUT_MS) -> str:
+    """The status line's text once it shows `text`, without Gradio's elapsed-time line."""
     expect(page.locator("#status")).to_contain_text(text, timeout=timeout_ms)
-    return page.inner_text("#status")
+    return GRADIO_TIMER.sub("", page.inner_text("#status")).strip()
 
 
 def saved(server: Server, seed: int) -> list[Path]:
