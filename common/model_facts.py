@@ -12,6 +12,7 @@ knowing component names: `text_encoder` (runs once per prompt), `denoiser` (runs
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -81,12 +82,36 @@ class LatentFormat:
 
 
 @dataclass(frozen=True)
+class StepCacheLevel:
+    """One level of the host's `cache` setting that a model type offers (host/cache/step_cache.py, EasyCache's
+    criterion): how freely the denoiser's output may be reused on steps where it barely changes.
+
+    threshold: the accumulated estimated relative change of the output allowed before the denoiser runs again
+    (EasyCache's tau; higher skips more). warmup: the share of the steps always computed first (EasyCache's
+    R; at least the first step). The last step is always computed.
+    """
+
+    name: str
+    threshold: float
+    warmup: float
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"step cache level {self.name!r}: the name must be a word such as 'fast'")
+        if not (math.isfinite(self.threshold) and self.threshold > 0):
+            raise ValueError(f"step cache level {self.name}: threshold {self.threshold} must be a number > 0")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"step cache level {self.name}: warmup {self.warmup} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
 class ModelFacts:
     """A model type's facts. components: in the order a generation runs them (load/offload order).
 
     patch: latent pixels per denoiser token side; text_token_multiple: text tokens are padded up to a
     multiple of it; decode_bytes_per_pixel: the decoder's activations per output pixel in fp32 (measured;
-    0: unknown). latent: None for a model whose latents have no known format (no preview).
+    0: unknown). latent: None for a model whose latents have no known format (no preview). step_cache: the
+    levels of the `cache` setting this model type offers, by name (none: the step cache is not offered).
     """
 
     components: tuple[ComponentFacts, ...]
@@ -94,8 +119,12 @@ class ModelFacts:
     patch: int = 1
     text_token_multiple: int = 1
     decode_bytes_per_pixel: float = 0.0
+    step_cache: tuple[StepCacheLevel, ...] = ()
 
     def __post_init__(self) -> None:
+        levels = [level.name for level in self.step_cache]
+        if len(set(levels)) != len(levels):
+            raise ValueError(f"step cache level names repeat: {levels}")
         names = [c.name for c in self.components]
         if len(set(names)) != len(names):
             raise ValueError(f"component names repeat: {names}")
@@ -120,6 +149,10 @@ class ModelFacts:
             if c.name == name:
                 return c
         raise KeyError(f"no component {name!r} (this model has {', '.join(self.names) or 'none'})")
+
+    def cache_level(self, name: str) -> StepCacheLevel | None:
+        """The step cache level called `name` (None when this model type does not offer it)."""
+        return next((level for level in self.step_cache if level.name == name), None)
 
     def with_role(self, role: str) -> ComponentFacts | None:
         """The component that plays `role` (None when the model has none)."""

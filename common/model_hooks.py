@@ -3,6 +3,9 @@
 A model (e.g. the Z-Image pipeline) holds one `ModelHooks` and routes its calls through it:
 - `encode_prompt`: a chain of middleware around the prompt encoder, fn(call_next, prompt, max_len) -> encoded;
 - `decode` / `encode_image`: chains around the VAE, fn(call_next, tensor) -> tensor;
+- `predict`: a chain around each evaluation of the denoiser, fn(call_next, x, t, captions, **inputs) -> raw
+  output (x: the latents as the denoiser takes them, t: its timesteps, captions: one per batch row; several
+  calls per step when the guidance branches run one after the other): what a step cache decides to skip;
 - `before_step`: listeners called with (step, total) before each denoising step (0-based step);
 - `after_generate`: listeners called once a generation ends (also after an error or a cancel);
 - `on_release`: listeners called when the model is released.
@@ -86,11 +89,15 @@ class ModelHooks:
     encode_prompt: HookChain = field(default_factory=lambda: HookChain("encode_prompt"))
     decode: HookChain = field(default_factory=lambda: HookChain("decode"))
     encode_image: HookChain = field(default_factory=lambda: HookChain("encode_image"))
+    predict: HookChain = field(default_factory=lambda: HookChain("predict"))
     before_step: Listeners = field(default_factory=lambda: Listeners("before_step"))
     after_generate: Listeners = field(default_factory=lambda: Listeners("after_generate"))
     on_release: Listeners = field(default_factory=lambda: Listeners("on_release"))
 
     def owners(self) -> dict[str, list[str]]:
         """Which transform holds an entry where (for logs and tests)."""
-        points = (self.encode_prompt, self.decode, self.encode_image, self.before_step, self.after_generate, self.on_release)
+        points = (
+            self.encode_prompt, self.decode, self.encode_image, self.predict, self.before_step, self.after_generate,
+            self.on_release,
+        )
         return {p.name: p.owners for p in points if p.owners}

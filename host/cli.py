@@ -233,7 +233,10 @@ def _run_one(session: Session, item: PreparedTask, label: str, output_dir: Path 
         _report_failure(item.where, item.error + " (run with -v for the traceback)")
         return False
     print(
-        f"{label} seed {result.settings['seed']} | " + timing_line(result.info["timings"], result.peak_gb, result.peak_what, result.load_s)
+        f"{label} seed {result.settings['seed']} | "
+        + timing_line(
+            result.info["timings"], result.peak_gb, result.peak_what, result.load_s, result.info.get("step_cache")
+        )
     )
     for path in paths:
         print(f"saved {path}")

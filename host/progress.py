@@ -51,8 +51,26 @@ class ProgressBar:
             self.drawn = False
 
 
-def timing_line(timings: Mapping[str, float], peak_gb: float, peak_what: str, load_s: float | None = None) -> str:
-    """'load 3.1 s | text encoding 0.20 s | denoise 4.10 s (0.51 s/it) | VAE decode 0.30 s | peak RSS 2.1 GB'."""
+def format_steps(steps: list[int]) -> str:
+    """[5, 7, 8, 9, 12] -> '5, 7-9, 12'."""
+    runs: list[list[int]] = []
+    for step in sorted(steps):
+        if runs and step == runs[-1][-1] + 1:
+            runs[-1].append(step)
+        else:
+            runs.append([step])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+def timing_line(
+    timings: Mapping[str, float],
+    peak_gb: float,
+    peak_what: str,
+    load_s: float | None = None,
+    step_cache: Mapping[str, Any] | None = None,
+) -> str:
+    """'load 3.1 s | text encoding 0.20 s | denoise 4.10 s (0.51 s/it) | VAE decode 0.30 s | peak RSS 2.1 GB';
+    with a step cache report (host/cache/step_cache.py), '| step cache fast: 18/30 forwards, skipped steps 5, 7-9'."""
     parts = [f"load {load_s:.1f} s"] if load_s is not None else []
     if "text_encoding_s" in timings:
         parts.append(f"text encoding {timings['text_encoding_s']:.2f} s")
@@ -63,4 +81,8 @@ def timing_line(timings: Mapping[str, float], peak_gb: float, peak_what: str, lo
     if "vae_decode_s" in timings:
         parts.append(f"VAE decode {timings['vae_decode_s']:.2f} s")
     parts.append(f"{peak_what} {peak_gb:.2f} GB")
+    if step_cache is not None:
+        skipped = format_steps(list(step_cache.get("skipped_steps", []))) or "none"
+        forwards = f"{step_cache.get('forwards')}/{step_cache.get('evaluations')} forwards"
+        parts.append(f"step cache {step_cache.get('level')}: {forwards}, skipped steps {skipped}")
     return " | ".join(parts)

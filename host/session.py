@@ -20,6 +20,7 @@ from common.errors import SettingsError, UserInputError
 from common.model_facts import DENOISER
 from host import PROGRAM_NAME, __version__, lowvram, wan2gp
 from host import settings as host_settings
+from host.cache.step_cache import OFF, StepCacheTransform, cache_level
 from host.device import DeviceChoice, attention_backend, choose_device, peak_memory_gb, reset_peak_memory
 from host.files import DEFAULT_CKPTS, CheckpointFolders, download_file, resolve_files, specs_from_model_def
 from host.hashes import HashCache
@@ -173,7 +174,8 @@ class Session:
         raw = host_settings.size_keys_to_resolution(raw, family, fallback, where)  # diffusers' width/height
         merged = {**host_settings.host_defaults(), **family, **preset.settings, **raw}
         valid = host_settings.validate(handler, arch, preset.model_def, merged, where)
-        try:  # a missing or refused LoRA fails the task before anything loads
+        try:  # a missing or refused LoRA, or a step cache level the model type lacks, fails the task before anything loads
+            cache_level(preset.facts, valid.get("cache", OFF), model_type)
             valid = expand_lset(valid, self.lora_folders(preset))
             loras = self.lora_choice(preset, valid)
         except UserInputError as err:
@@ -316,13 +318,18 @@ class Session:
         specs = host_settings.family_specs(self.handler(task.preset), task.preset.architecture)
         family_part = host_settings.generation_inputs(specs, settings)  # image inputs read into PIL images
         self._loaded.transforms.push(PhaseReporter(lambda name: phase(Phase(name))))
+        level = cache_level(task.preset.facts, settings.get("cache", OFF), task.model_type)
+        cache = self._loaded.transforms.push(StepCacheTransform(level)) if level is not None else None
         try:
             output = model.generate(family_part, on_step)
         finally:
             self._loaded.transforms.pop(PhaseReporter.name)
+            self._loaded.transforms.pop(StepCacheTransform.name)  # opt-in per task: never left behind
         peak_gb, peak_what = peak_memory_gb(self.device.device)
         backend = get_attention_backend()  # a kernel that failed during the run fell back to sdpa: record that
         info = self.provenance(task, settings, files, backend, output, reports)
+        if cache is not None and cache.last_report is not None:  # which steps reused the cache, in the saved image
+            info["step_cache"] = cache.last_report.to_dict()
         result = TaskResult(task, list(output.images), settings, info, load_s, peak_gb, peak_what)
         result.lora_reports = [r.to_dict() for r in reports]
         if save_to is not None:

@@ -55,6 +55,12 @@ HOST_SPECS: tuple[SettingSpec, ...] = (
         choices=("png", "jpeg", "webp"), aliases=(("jpg", "jpeg"),), changes_image=False, label="File format",
     ),
     SettingSpec(
+        "cache", "choice", "off",
+        "step cache: skip denoiser steps whose output barely changes (EasyCache's criterion; fewer forwards, a "
+        "slightly different image); fast or faster as the model type offers them",
+        group="advanced", choices=("off", "fast", "faster"), label="Step cache",
+    ),
+    SettingSpec(
         "activated_loras", "list", [], "LoRA file names in the LoRA folders (or absolute paths), after the preset's",
         group="lora", flag="loras", cli=False, label="LoRAs (family folder)",
     ),

@@ -7,9 +7,19 @@ the architecture's (the host shows no memory plan for self-test presets).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
-from common.model_facts import AUXILIARY, DECODER, DENOISER, TEXT_ENCODER, ComponentFacts, LatentFormat, ModelFacts
+from common.model_facts import (
+    AUXILIARY,
+    DECODER,
+    DENOISER,
+    TEXT_ENCODER,
+    ComponentFacts,
+    LatentFormat,
+    ModelFacts,
+    StepCacheLevel,
+)
 
 # The repeated blocks (`layers.N.`) of both the transformer and the Qwen3 text encoder: the bulk of the
 # parameters. Embedders, refiners, the final layer and norms stay in full precision (they are small and
@@ -86,3 +96,17 @@ def controlnet_facts(version: str) -> ModelFacts:
     )
     text_encoder, transformer, vae = FACTS.components
     return replace(FACTS, components=(text_encoder, controlnet, transformer, vae))
+
+
+# The `cache` setting's levels (host/cache/step_cache.py, EasyCache's criterion: threshold = its tau, warmup = its
+# share R of first steps always computed). Base (30 steps, CFG) has room to skip; Turbo's 8 distilled steps change
+# the image a lot each, so its levels wait longer and allow less. Chosen on the mid-size random-weight model with
+# bench/bench_step_cache.py (README "Step cache"); how they treat real Z-Image images is to be checked on a GPU.
+BASE_STEP_CACHE = (StepCacheLevel("fast", 0.05, 0.2), StepCacheLevel("faster", 0.1, 0.1))
+TURBO_STEP_CACHE = (StepCacheLevel("fast", 0.05, 0.25), StepCacheLevel("faster", 0.1, 0.25))
+
+
+@functools.cache  # one answer per model type, as the host keeps it on each preset
+def with_step_cache(facts: ModelFacts, architecture: str) -> ModelFacts:
+    """`facts` with the step cache levels of `architecture` (z_image_base: Base's; the others run Turbo's steps)."""
+    return replace(facts, step_cache=BASE_STEP_CACHE if architecture == "z_image_base" else TURBO_STEP_CACHE)

@@ -240,16 +240,16 @@ class ZImagePipeline:
         twin = {} if target is None else {"t_target": torch.full_like(t, twinflow_model_time(target))}
         if scale == 0 and nag is not None and neg:
             twin = {k: torch.cat([v, v]) for k, v in twin.items()}
-            out = self.predict(torch.cat([x, x]), torch.cat([t, t]), pos + neg, nag=nag, **twin)[:B].float()
+            out = self.evaluate(torch.cat([x, x]), torch.cat([t, t]), pos + neg, nag=nag, **twin)[:B].float()
         elif scale == 0:
-            out = self.predict(x, t, pos, **twin).float()
+            out = self.evaluate(x, t, pos, **twin).float()
         elif self.batch_cfg:
             twin = {k: torch.cat([v, v]) for k, v in twin.items()}
-            both = self.predict(torch.cat([x, x]), torch.cat([t, t]), pos + neg, **twin).float()
+            both = self.evaluate(torch.cat([x, x]), torch.cat([t, t]), pos + neg, **twin).float()
             out = apply_guidance(both[:B], both[B:], scale, guidance.normalization)
         else:
-            out_pos = self.predict(x, t, pos, **twin).float()
-            out_neg = self.predict(x, t, neg, **twin).float()
+            out_pos = self.evaluate(x, t, pos, **twin).float()
+            out_neg = self.evaluate(x, t, neg, **twin).float()
             out = apply_guidance(out_pos, out_neg, scale, guidance.normalization)
         return -out  # model output is x0 - noise; the flow velocity is noise - x0
 
@@ -264,6 +264,11 @@ class ZImagePipeline:
         """One transformer evaluation: (B, 16, h, w) latents, (B,) t, B captions -> raw output (x0 - noise).
         A variant with extra inputs (the ControlNet's residuals) adds them here, around the same call."""
         return self.transformer(x, t, captions, **inputs)
+
+    def evaluate(self, x: torch.Tensor, t: torch.Tensor, captions: list[torch.Tensor], **inputs: Any) -> torch.Tensor:
+        """`predict` through the `predict` hooks (e.g. a step cache that may answer without the transformer);
+        with no hooks, exactly `predict`."""
+        return self.hooks.predict.call(self.predict, x, t, captions, **inputs)
 
     # -- 4. decode ------------------------------------------------------------------------------
 

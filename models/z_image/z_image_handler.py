@@ -15,7 +15,7 @@ from typing import Any
 from common.errors import CheckpointError, SettingsError
 from common.model_facts import ModelFacts
 from common.settings_schema import SettingSpec, with_defaults
-from models.z_image.facts_z_image import FACTS, controlnet_facts
+from models.z_image.facts_z_image import FACTS, controlnet_facts, with_step_cache
 from models.z_image.settings_z_image import SETTINGS, GenerationSettings
 from models.z_image.settings_z_image_control import CONTROL_TYPES, CONTROL_VERSIONS, control_schema, split_control_settings
 
@@ -104,8 +104,8 @@ class ZImageHandler:
         """Sizes, int8 layers, latent format and components (models/z_image/facts_z_image.py); one set
         for Turbo and Base, which share the network; the ControlNet types add their ControlNet."""
         if model_type in CONTROL_TYPES:
-            return controlnet_facts(CONTROL_VERSIONS[model_type])
-        return FACTS
+            return with_step_cache(controlnet_facts(CONTROL_VERSIONS[model_type]), model_type)
+        return with_step_cache(FACTS, model_type)
 
     def query_settings_schema(self, model_type: str) -> list[SettingSpec]:
         """Every setting Z-Image accepts (models/z_image/settings_z_image.py SETTINGS) with `model_type`'s own

@@ -1,0 +1,109 @@
+"""The step cache (host/cache/step_cache.py, EasyCache's criterion) on the mid config: forwards saved, seconds and
+the image's PSNR against the uncached image, for each `cache` level Z-Image offers, Base (30 steps, CFG) and
+Turbo (8 steps).
+
+    .venv/bin/python bench/bench_step_cache.py                       # mid config, 512x512, CPU fp32
+    .venv/bin/python bench/bench_step_cache.py --size 256 --levels 0.05:0.1,0.08:0.2 --cases base
+
+Random weights (bench/bench_engine.py's mid model): the forwards saved and the PSNR say how the criterion behaves
+on this network's dynamics, not what it does to real Z-Image images; quality on the real weights is to be
+checked on a GPU. `--levels tau:warmup,...` tries other thresholds than the shipped levels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPT = "a red fox in the snow, detailed fur, soft morning light"
+CASES = {  # name -> (architecture, settings): the architectures' own defaults
+    "base": ("z_image_base", dict(num_inference_steps=30, guidance_scale=4.0, flow_shift=6.0,
+                                  negative_prompt="blurry, low quality")),
+    "turbo": ("z_image", dict(num_inference_steps=8, guidance_scale=0.0, flow_shift=3.0)),
+}
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two 8-bit images (inf when equal)."""
+    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def run(pipe, settings: dict, level=None) -> tuple[np.ndarray, float, dict | None]:
+    """One generation, with the step cache at `level` (None: uncached); image, denoise seconds, cache report."""
+    from host.cache import StepCacheTransform
+
+    transform = StepCacheTransform(level) if level is not None else None
+    if transform is not None:
+        transform.apply(pipe)
+    try:
+        result = pipe.generate(settings)
+    finally:
+        if transform is not None:
+            transform.remove(pipe)
+    report = transform.last_report.to_dict() if transform is not None else None
+    return np.asarray(result.images[0]), result.timings["denoise_s"], report
+
+
+def levels_for(architecture: str, override: str | None) -> list:
+    from common.model_facts import StepCacheLevel
+    from models.z_image.z_image_handler import ZImageHandler
+
+    if override:
+        pairs = [item.split(":") for item in override.split(",")]
+        return [StepCacheLevel(f"level{i}", float(tau), float(warmup)) for i, (tau, warmup) in enumerate(pairs, 1)]
+    return list(ZImageHandler().query_model_facts(architecture, {}).step_cache)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--cases", default="base,turbo")
+    parser.add_argument("--levels", help="tau:warmup pairs instead of the shipped levels, e.g. 0.05:0.1,0.1:0.2")
+    parser.add_argument("--folder", type=Path, help="an existing mid model folder (bench_engine.build) to reuse")
+    args = parser.parse_args()
+    import torch
+
+    from bench.bench_engine import build
+    from host.progress import format_steps
+    from models.z_image.pipeline_z_image import LoadOptions, ZImageComponents, ZImagePipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.folder or Path(tmp) / "mid"
+        if not (folder / "model_index.json").exists():
+            build(folder)
+        pipe = ZImagePipeline.from_components(ZImageComponents.from_diffusers_folder(folder), LoadOptions(dtype=torch.float32))
+        print(f"mid config (bench_engine.MID), {args.size}x{args.size}, CPU fp32, {torch.get_num_threads()} threads; "
+              f"random weights")
+        print("| case | cache | forwards | denoise (s) | PSNR vs uncached (dB) | skipped steps |\n|---|---|---|---|---|---|")
+        for name in args.cases.split(","):
+            architecture, case = CASES[name]
+            settings = dict(prompt=PROMPT, width=args.size, height=args.size, seed=7, **case)
+            steps = settings["num_inference_steps"]
+            saved = folder / f"uncached_{name}_{args.size}.npz"  # reused by later runs on the same --folder
+            if saved.exists():
+                kept = np.load(saved)
+                reference, seconds = kept["image"], float(kept["seconds"])
+            else:
+                reference, seconds, _ = run(pipe, settings)
+                np.savez(saved, image=reference, seconds=seconds)
+            print(f"| {name} {steps} steps | off | {steps} | {seconds:.1f} | - | - |", flush=True)
+            for level in levels_for(architecture, args.levels):
+                image, seconds, report = run(pipe, settings, level)
+                assert report is not None
+                skipped = format_steps(report["skipped_steps"]) or "none"
+                saved = 1 - report["forwards"] / report["evaluations"]
+                print(f"| {name} {steps} steps | {level.name} (tau {level.threshold}, warm-up {level.warmup}) | "
+                      f"{report['forwards']} ({100 * saved:.0f}% fewer) | {seconds:.1f} | "
+                      f"{psnr(reference, image):.1f} | {skipped} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
