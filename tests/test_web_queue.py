@@ -170,7 +170,9 @@ def test_use_settings_of_a_saved_image_and_save_as_defaults(app: Any) -> None:
     assert "Saved as your defaults" in saved
     defaults = app.on_model_input("toy")
     assert defaults["steps"]["value"] == 7 and defaults["family"] == "Toy family"
-    assert "no effect" in defaults["negative_prompt"]["label"]
+    # the negative prompt follows the rule the toy family declares (active_when guidance_scale > 0)
+    assert "no effect" in app.on_activity("negative_prompt", {"guidance_scale": 0.0})["label"]
+    assert "active" in app.on_activity("negative_prompt", {"guidance_scale": 2.0})["label"]
 
 
 def test_out_of_memory_gets_advice_other_errors_their_type(app: Any) -> None:
