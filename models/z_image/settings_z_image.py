@@ -80,8 +80,8 @@ SETTINGS: tuple[SettingSpec, ...] = (
     # Seed variety (models/z_image/variety_z_image.py): off at 0.
     SettingSpec(
         "seed_variety", "float", 0.0,
-        "more different images across seeds: seeded noise of this strength (x the prompt embedding's spread) is "
-        "added to the prompt embedding in the first seed_variety_steps steps; 0 = off",
+        "more different images across seeds: seeded noise of this strength (x each feature's spread over the "
+        "prompt's tokens) is added to the prompt embedding in the first seed_variety_steps steps; 0 = off",
         minimum=0, maximum=5, group="advanced", label="Seed variety (0 = off)", step=0.05,
     ),
     SettingSpec(

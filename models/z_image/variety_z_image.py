@@ -5,7 +5,11 @@ next: the first steps settle the composition from the prompt almost whatever the
 the prompt embedding during those first steps (a different perturbation per seed) lets each seed settle on
 another composition; the later steps see the clean embedding, so the image still follows the prompt.
 
-    embeds_i = embeds + strength * std(embeds) * eps_i,   eps_i ~ N(0, I), one per image of the batch
+    embeds_i = embeds + strength * std_f * eps_i,   eps_i ~ N(0, I), one per image of the batch
+
+std_f is each feature's spread over the prompt's tokens: the text encoder's hidden states have a few features
+hundreds of times larger than the rest, so one global scale would drown the ordinary features in noise while
+a per-feature one perturbs every feature in proportion to its own range.
 
 eps comes from a CPU generator seeded from the image seed (the same image on any device, a different
 perturbation for every seed), separate from the latent noise's generator, so turning it on leaves the
@@ -37,12 +41,13 @@ class PromptSchedule:
 
 
 def perturbed_embeddings(embeds: torch.Tensor, batch: int, strength: float, seed: int) -> list[torch.Tensor]:
-    """`batch` copies of embeds (L, D), copy i plus strength * std(embeds) * eps_i; noise drawn in fp32 on the CPU
-    and added in fp32, returned in embeds' dtype and device."""
+    """`batch` copies of embeds (L, D), copy i plus strength * std_f * eps_i with std_f (1, D) each feature's
+    standard deviation over the L tokens; noise drawn in fp32 on the CPU and added in fp32, returned in embeds'
+    dtype and device."""
     generator = torch.Generator("cpu").manual_seed((seed + SEED_OFFSET) % 2**64)
     noise = torch.randn((batch, *embeds.shape), generator=generator, dtype=torch.float32, device="cpu")
     base = embeds.float()
-    scale = strength * base.std()
+    scale = strength * base.std(dim=0, correction=0, keepdim=True)  # (1, D); a one-token prompt gets none
     return [(base + scale * eps.to(base.device)).to(embeds.dtype) for eps in noise]
 
 
