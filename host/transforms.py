@@ -8,7 +8,7 @@ PyTorch module hooks on its parts. It never replaces a method of the model. Each
 that cannot be undone in place (int8) say so with `reversible = False`: removing them means reloading.
 
 The low-VRAM transforms are built by host/lowvram/__init__.py (`lowvram_transforms`), in this order: int8, prompt
-cache, VAE tiling, black-image guard, sequential guidance, offload; LoRAs (host/lora/__init__.py) come last and
+cache, VAE tiling, black-image guard, heap trim, sequential guidance, offload; LoRAs (host/lora/__init__.py) come last and
 are swapped on the same weights.
 """
 

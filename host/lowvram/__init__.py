@@ -3,7 +3,8 @@
 `load_options` adjusts what the family is asked to load (CPU first under mmgp, a lazily loaded text
 encoder, the int8 file loader); `lowvram_transforms` lists the transforms for a run, in order: int8
 (quantize on the fly when int8 is asked and no int8 file was loaded; int8 layers in the compute dtype,
-fp32 on the CPU), the prompt cache, VAE tiling, the black-image guard, sequential guidance branches for
+fp32 on the CPU), the prompt cache, VAE tiling, the black-image guard, the heap trim (freed C heap memory
+handed back between the stages: heap.py), sequential guidance branches for
 the streaming profiles, and mmgp offload on CUDA. `apply_lowvram` applies them and returns the stack
 the session keeps (host/transforms.py). A transform skips what the model does not offer.
 """
@@ -20,6 +21,7 @@ from common.model_facts import AUXILIARY, DENOISER, ModelFacts
 from host.device import compute_dtype
 from host.lowvram import offload as offload_mod
 from host.lowvram.guards import BlackImageGuard
+from host.lowvram.heap import HeapTrim
 from host.lowvram.prompt_cache import PromptCacheTransform, file_identity
 from host.lowvram.quantize import cpu_safe_int8, is_quantized, load_quanto, quantize_model, set_int8_dtype
 from host.lowvram.vae_tiling import TilingOptions, VaeTilingTransform
@@ -74,6 +76,7 @@ def lowvram_transforms(
         PromptCacheTransform(file_identity(files.get("text_encoder"))),
         VaeTilingTransform(TilingOptions(mode=options.get("vae_tiling", "auto"))),
         BlackImageGuard(),
+        HeapTrim(),
     ]
     if profile in LOW_VRAM_PROFILES:
         transforms.append(SequentialGuidance())
@@ -112,7 +115,7 @@ def apply_lowvram(
 
 
 def _needs_hooks(transform: Transform) -> bool:
-    return isinstance(transform, (PromptCacheTransform, VaeTilingTransform, BlackImageGuard))
+    return isinstance(transform, (PromptCacheTransform, VaeTilingTransform, BlackImageGuard, HeapTrim))
 
 
 @dataclass
