@@ -59,6 +59,24 @@ def test_forward_matches_diffusers_fp32(size: tuple[int, int], cap_lens: list[in
     assert _rel(got, expected) < 1e-5
 
 
+@pytest.mark.parametrize("cap_lens", [[9, 20], [9, 40]])  # same padded length (32): shared refiner; 32 vs 64: not
+def test_guidance_batch_matches_diffusers_and_shares_the_noise_refiner(cap_lens: list[int]) -> None:
+    """A CFG batch (one image and time, two captions): the noise refiner, which never sees the captions, runs on
+    one row when the two halves also get the same positions, and the output still matches diffusers'."""
+    ref, ours = _pair()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 16, 16, 16, generator=gen).repeat(2, 1, 1, 1)
+    t = torch.rand(1, generator=gen).repeat(2)
+    caps = [torch.randn(n, 32, generator=gen) for n in cap_lens]
+    rows: list[int] = []
+    ours.noise_refiner[0].register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    with torch.no_grad():
+        expected = _ref_forward(ref, x, t, caps)
+        got = ours(x, t, caps)
+    assert rows == ([1] if cap_lens == [9, 20] else [2])
+    assert _rel(got, expected) < 1e-5
+
+
 def test_real_config_defaults() -> None:
     """Our defaults are the released model's config (the shipped copy of its config.json), and both
     implementations built from it on the meta device have the same parameters, shape for shape."""
