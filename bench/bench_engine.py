@@ -1,12 +1,15 @@
 """Our Z-Image pipeline against diffusers' ZImagePipeline on the same weights, settings and seed.
 
 One run builds a "mid" model (matrix work dominates: dim 768, 1024 image tokens), saves it with
-diffusers' own save_pretrained, then runs each implementation in a fresh child process (so peak RSS
-is that implementation's own) and reports time and peak-memory ratios (ours / theirs), the largest
-pixel difference, and the fraction of this machine's fp32 matmul rate the transformer forward reaches
-(the reference of bench/rates.py, shared with bench_transformer.py).
+diffusers' own save_pretrained, then runs each implementation in a fresh child process (so peak RSS is that
+implementation's own: whole-process peak, working memory = peak RSS - RSS before the generation, resident size
+after the image) and times them together in one more process, alternated round by round (a generation and its
+PNG, wall and CPU seconds), so that both see the same machine. It reports medians, ours / theirs, the largest
+pixel difference, and the fraction of this machine's fp32 matmul rate the transformer forward reaches (the
+reference of bench/rates.py, shared with bench_transformer.py).
 
     .venv/bin/python bench/bench_engine.py                   # CPU, fp32, mid config
+    .venv/bin/python bench/bench_engine.py --threads 1 --no-fraction   # steadier CPU seconds on a busy machine
     .venv/bin/python bench/bench_engine.py --fraction-only   # only the matmul-rate fraction (1-2 minutes)
 
 CPU and fp32 only. The full-size 6B check on a CUDA GPU is bench/bench_transformer.py (one transformer step,
@@ -33,7 +36,8 @@ MID = {
                          head_dim=128, intermediate_size=3072),
     "vae_channels": (32, 64, 64, 64),
 }
-# ours-lowram: the text encoder is loaded for the prompt stage only (LoadOptions.keep_text_encoder=False).
+# ours: our pipeline with the host's CPU transforms (host/lowvram); ours-lowram: the same with the text encoder
+# loaded for the prompt stage only (LoadOptions.keep_text_encoder=False), the host's own choice on the CPU.
 IMPLS = ("diffusers", "ours", "ours-lowram")
 SETTINGS = dict(prompt="a red fox in the snow, detailed fur, soft morning light", negative_prompt="blurry, low quality",
                 width=512, height=512, num_inference_steps=4, guidance_scale=4.0, flow_shift=6.0, seed=7)
@@ -63,39 +67,117 @@ def build(folder: Path) -> None:
     pipe.save_pretrained(folder)
 
 
-def run_child(impl: str, folder: Path, out: Path) -> None:
-    """Load + generate with one implementation; write timings, peak RSS and the image."""
+def load_impl(impl: str, folder: Path):
+    """Load one implementation from the mid folder: (pipeline, a function that generates the image)."""
+    import torch
+
+    if impl.startswith("ours"):
+        from host.lowvram import apply_lowvram
+        from models.z_image.facts_z_image import FACTS
+        from models.z_image.pipeline_z_image import LoadOptions, ZImageComponents, ZImagePipeline
+
+        options = LoadOptions(dtype=torch.float32, keep_text_encoder=impl == "ours")
+        pipe = ZImagePipeline.from_components(ZImageComponents.from_diffusers_folder(folder), options)
+        # the transforms the host applies on the CPU (prompt cache, VAE tiling above 1024 px, black-image guard,
+        # heap trim; no int8 or offload here): what a generation through the product runs
+        apply_lowvram(pipe, {"device": "cpu", "dtype": torch.float32, "quantization": "fp32", "profile": "auto"},
+                      {}, FACTS)
+
+        def generate():
+            return pipe.generate(SETTINGS).images[0]
+
+        return pipe, generate
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=SETTINGS["flow_shift"])
+    pipe.set_progress_bar_config(disable=True)
+    s = SETTINGS
+
+    def generate():
+        return pipe(prompt=s["prompt"], negative_prompt=s["negative_prompt"], width=s["width"], height=s["height"],
+                    num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"],
+                    generator=torch.Generator("cpu").manual_seed(s["seed"])).images[0]
+
+    return pipe, generate
+
+
+def run_child(impl: str, folder: Path, out: Path, threads: int | None = None) -> None:
+    """Load + generate (the image written as a PNG) with one implementation; write its times, memory and image.
+
+    Memory (bytes): `rss_before` the resident size after loading (every weight read once), `peak_rss` the
+    process's peak (ru_maxrss), `working` = peak_rss - rss_before (what the generation itself added), `rss_after`
+    the resident size once the image is written. `cpu_s`: the process's CPU seconds (user + system).
+    """
     import resource
 
     import numpy as np
     import torch
 
-    torch.set_num_threads(torch.get_num_threads())
+    if threads:
+        torch.set_num_threads(threads)
     start = time.perf_counter()
-    if impl.startswith("ours"):
-        from models.z_image.pipeline_z_image import LoadOptions, ZImageComponents, ZImagePipeline
-
-        options = LoadOptions(dtype=torch.float32, keep_text_encoder=impl == "ours")
-        pipe = ZImagePipeline.from_components(ZImageComponents.from_diffusers_folder(folder), options)
-        load_s = time.perf_counter() - start
-        t0 = time.perf_counter()
-        image = pipe.generate(SETTINGS).images[0]
-    else:
-        from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
-
-        pipe = ZImagePipeline.from_pretrained(folder, dtype=torch.float32)
-        pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=SETTINGS["flow_shift"])
-        pipe.set_progress_bar_config(disable=True)
-        load_s = time.perf_counter() - start
-        t0 = time.perf_counter()
-        s = SETTINGS
-        image = pipe(prompt=s["prompt"], negative_prompt=s["negative_prompt"], width=s["width"], height=s["height"],
-                     num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"],
-                     generator=torch.Generator("cpu").manual_seed(s["seed"])).images[0]
+    pipe, generate = load_impl(impl, folder)
+    load_s = time.perf_counter() - start
+    _page_in(pipe)
+    rss_before = _rss()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    image = generate()
+    image.save(out.with_suffix(".png"))
     gen_s = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = after.ru_utime - usage.ru_utime + after.ru_stime - usage.ru_stime
+    peak = after.ru_maxrss * 1024
     np.save(out.with_suffix(".npy"), np.asarray(image))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out.write_text(json.dumps({"load_s": load_s, "generate_s": gen_s, "peak_rss": peak}))
+    out.write_text(json.dumps({"load_s": load_s, "generate_s": gen_s, "cpu_s": cpu_s, "peak_rss": peak,
+                               "rss_before": rss_before, "working": peak - rss_before, "rss_after": _rss()}))
+
+
+def time_together(folder: Path, rounds: int, threads: int | None, out: Path) -> None:
+    """Generation time of diffusers and ours in one process, alternated round by round (ABBA...), so that both
+    see the same machine; each timed generation starts with an empty prompt cache and writes its PNG.
+    Writes {impl: [(wall s, CPU s), ...]}."""
+    import resource
+
+    import torch
+
+    from host.lowvram.prompt_cache import shared_cache
+
+    if threads:
+        torch.set_num_threads(threads)
+    impls = IMPLS
+    generators = {impl: load_impl(impl, folder)[1] for impl in impls}
+    times: dict[str, list[tuple[float, float]]] = {impl: [] for impl in impls}
+    for impl in impls:  # warm-up: weights paged in, kernels chosen
+        generators[impl]()
+    for round_ in range(rounds):
+        for impl in impls if round_ % 2 == 0 else impls[::-1]:
+            shared_cache().clear()  # ours-lowram then loads its text encoder for the prompt, as a new prompt would
+            usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            generators[impl]().save(out.with_suffix(f".{impl}.png"))
+            wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+            times[impl].append((wall, after.ru_utime - usage.ru_utime + after.ru_stime - usage.ru_stime))
+    out.write_text(json.dumps(times))
+
+
+def _page_in(pipe) -> None:
+    """Read every weight once, so that memory-mapped weights count in the RSS before the generation (both
+    implementations load them lazily) and the working memory is what the generation itself adds."""
+    import torch
+
+    with torch.no_grad():
+        for name in ("text_encoder", "transformer", "vae"):
+            module = getattr(pipe, name, None)
+            for param in module.parameters() if module is not None else ():
+                param.sum()
+
+
+def _rss() -> int:
+    """This process's resident size now, in bytes (Linux /proc)."""
+    import os
+
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def forward_fraction(folder: Path, reps: int = 3) -> dict:
@@ -134,46 +216,85 @@ def transformer_flops(cfg, batch: int, img_tokens: int, cap_tokens: int) -> floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", nargs=3, metavar=("IMPL", "FOLDER", "OUT"), help=argparse.SUPPRESS)
-    parser.add_argument("--rounds", type=int, default=2, help="runs per implementation; the best is reported")
+    parser.add_argument("--timing-child", nargs=2, metavar=("FOLDER", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=3, help="runs per implementation, alternated; medians reported")
+    parser.add_argument("--threads", type=int, help="torch threads in each run (default: torch's own choice)")
     parser.add_argument("--fraction-only", action="store_true", help="only the forward's share of the matmul rate")
+    parser.add_argument("--no-fraction", action="store_true", help="skip the forward's share of the matmul rate")
     args = parser.parse_args()
+    threads = ["--threads", str(args.threads)] if args.threads else []
     if args.child:
-        run_child(args.child[0], Path(args.child[1]), Path(args.child[2]))
+        run_child(args.child[0], Path(args.child[1]), Path(args.child[2]), args.threads)
+        return
+    if args.timing_child:
+        time_together(Path(args.timing_child[0]), args.rounds, args.threads, Path(args.timing_child[1]))
         return
     if args.fraction_only:
         with tempfile.TemporaryDirectory() as tmp:
             build(Path(tmp) / "mid")
             print_fraction(forward_fraction(Path(tmp) / "mid"))
         return
+    import os
+
     import numpy as np
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "mid"
         build(folder)
-        results: dict[str, dict] = {}
-        for round_ in range(args.rounds):  # alternate the two so machine noise hits both alike
-            for impl in IMPLS:
+        runs: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
+        load = [os.getloadavg()[0]]
+        for round_ in range(args.rounds):  # memory: each implementation alone in a fresh process, alternated
+            for impl in IMPLS if round_ % 2 == 0 else IMPLS[::-1]:
                 out = Path(tmp) / f"{impl}{round_}.json"
-                subprocess.run([sys.executable, __file__, "--child", impl, str(folder), str(out)], check=True)
-                run = json.loads(out.read_text()) | {"image": np.load(out.with_suffix(".npy"))}
-                best = results.setdefault(impl, run)
-                for key in ("load_s", "generate_s", "peak_rss"):
-                    best[key] = min(best[key], run[key])
-        frac = forward_fraction(folder)
-    ref = results["diffusers"]
-    print(f"mid config: {json.dumps(MID['transformer'])}, 512x512 (1024 image tokens), 4 steps, CFG 4.0, fp32, "
-          f"CPU, best of {args.rounds}")
-    print(f"{'':16}{'diffusers':>11}{'ours':>9}{'ratio':>8}{'ours-lowram':>13}{'ratio':>8}")
-    for key, label, scale in (("load_s", "load (s)", 1), ("generate_s", "generate (s)", 1),
-                              ("peak_rss", "peak RSS (MB)", 1e-6)):
-        row = f"{label:16}{ref[key] * scale:11.2f}"
-        for impl, width in (("ours", 9), ("ours-lowram", 13)):
-            row += f"{results[impl][key] * scale:{width}.2f}{results[impl][key] / ref[key]:8.3f}"
-        print(row)
+                subprocess.run([sys.executable, __file__, "--child", impl, str(folder), str(out), *threads], check=True)
+                runs[impl].append(json.loads(out.read_text()) | {"image": np.load(out.with_suffix(".npy"))})
+                load.append(os.getloadavg()[0])
+        out = Path(tmp) / "timing.json"  # time: all of them in one process, alternated
+        subprocess.run([sys.executable, __file__, "--timing-child", str(folder), str(out), "--rounds", str(args.rounds),
+                        *threads], check=True)
+        timing = json.loads(out.read_text())
+        load.append(os.getloadavg()[0])
+        frac = None if args.no_fraction else forward_fraction(folder)
+    print_table(runs, timing, args, load)
+    if frac is not None:
+        print_fraction(frac)
+
+
+ROWS = (  # key, label, scale: from the separate processes
+    ("load_s", "load (s)", 1), ("peak_rss", "whole-process peak RSS (MB)", 1e-6),
+    ("working", "working memory (MB)", 1e-6), ("rss_after", "resident after the image (MB)", 1e-6),
+)
+
+
+def print_table(runs: dict[str, list[dict]], timing: dict[str, list], args: argparse.Namespace, load: list[float]) -> None:
+    """Medians per implementation, ours / diffusers, and the largest pixel difference."""
+    import statistics
+
+    import numpy as np
+
+    threads = args.threads or "torch's default"
+    print(f"mid config: {json.dumps(MID['transformer'])}, 512x512 (1024 image tokens), "
+          f"{SETTINGS['num_inference_steps']} steps, CFG {SETTINGS['guidance_scale']}, fp32, CPU, {threads} threads; "
+          f"medians of {args.rounds} alternated runs; load average {min(load):.1f}-{max(load):.1f} during the bench")
+    print("time: the three in one process, alternated, each generation + its PNG; memory: each alone in a fresh "
+          "process; working memory = peak RSS - RSS before the generation (weights read); ours-lowram = the text "
+          "encoder loaded for each new prompt only (the host's CPU default)")
+    print("| | diffusers | ours | ratio | ours-lowram | ratio |\n|---|---|---|---|---|---|")
+    median = {impl: {key: statistics.median(r[key] for r in rs) for key, _, _ in ROWS} for impl, rs in runs.items()}
+    for impl, pairs in timing.items():
+        median[impl]["wall_s"] = statistics.median(w for w, _ in pairs)
+        median[impl]["cpu_s"] = statistics.median(c for _, c in pairs)
+    ref = median["diffusers"]
+    rows = (ROWS[0], ("wall_s", "generate + PNG, wall (s)", 1), ("cpu_s", "generate + PNG, CPU (s)", 1), *ROWS[1:])
+    for key, label, scale in rows:
+        cells = [f"{ref[key] * scale:.2f}"]
+        for impl in ("ours", "ours-lowram"):
+            cells += [f"{median[impl][key] * scale:.2f}", f"{median[impl][key] / ref[key]:.3f}"]
+        print(f"| {label} | " + " | ".join(cells) + " |")
     for impl in ("ours", "ours-lowram"):
-        diff = int(np.abs(results[impl]["image"].astype(int) - ref["image"].astype(int)).max())
+        diff = max(int(np.abs(r["image"].astype(int) - d["image"].astype(int)).max())
+                   for r, d in zip(runs[impl], runs["diffusers"], strict=True))
         print(f"max pixel difference {impl} vs diffusers: {diff}/255")
-    print_fraction(frac)
 
 
 def print_fraction(frac: dict) -> None:
