@@ -15,6 +15,10 @@ files, int8 loader, low-VRAM transforms, mmgp profile) and generates one image; 
 line (also appended to W/results.jsonl): peak allocated, reserved and context, seconds per step, the
 VAE decode and text encoding times, or the error (an out-of-memory under the cap is a result, not a crash).
 
+`build` makes the random weights and quantizes them on the GPU when there is one (`--build-device`; seconds
+instead of minutes of CPU work for 10B parameters) and falls back to the CPU if that fails. Each row also goes
+to `--results` when given (bench/gpu_check.sh collects them there for its table, bench/gpu_check_report.py).
+
 `--tiny` uses the test fixtures' tiny configs: with `--device cpu` this is the dry run the test suite
 makes (tests/test_gpu_check.py), the same code path without a GPU.
 """
@@ -89,15 +93,17 @@ def randomise_(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _empty(build: Any, dtype: torch.dtype) -> torch.nn.Module:
-    """Build on meta, then allocate in RAM in `dtype` (no fp32 copy of 6B parameters on the way)."""
+def _empty(build: Any, dtype: torch.dtype, device: str = "cpu") -> torch.nn.Module:
+    """Build on meta, then allocate on `device` in `dtype` (no fp32 copy of 6B parameters on the way)."""
     with torch.device("meta"):
         model = build().to(dtype)
-    return model.to_empty(device="cpu")
+    return model.to_empty(device=device)
 
 
-def build(workdir: Path, tiny: bool) -> dict[str, Path]:
-    """Write the int8 transformer and text encoder, the VAE, configs and tokenizer under workdir/ckpts."""
+def build(workdir: Path, tiny: bool, device: str = "cpu") -> dict[str, Path]:
+    """Write the int8 transformer and text encoder, the VAE, configs and tokenizer under workdir/ckpts.
+
+    device: where the random weights are drawn and quantized (the files are the same either way)."""
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file
     from transformers import Qwen3Config, Qwen3Model
@@ -118,27 +124,46 @@ def build(workdir: Path, tiny: bool) -> dict[str, Path]:
     paths = {}
 
     start = time.perf_counter()
-    transformer = randomise_(_empty(lambda: ZImageTransformer(config), bf16))
+    transformer = randomise_(_empty(lambda: ZImageTransformer(config), bf16, device))
     quantize_model(transformer, include=FACTS.quantize_pattern("transformer"), dtype=bf16)
     paths["transformer"] = save_quantized(transformer, ckpts / TRANSFORMER_FILE, dtype=bf16)
     del transformer
-    log(f"transformer: {time.perf_counter() - start:.1f} s")
+    _free(device)
+    log(f"transformer: {time.perf_counter() - start:.1f} s on {device}")
 
     start = time.perf_counter()
-    text_encoder = randomise_(_empty(lambda: Qwen3Model(Qwen3Config(**text_config)), bf16))
+    text_encoder = randomise_(_empty(lambda: Qwen3Model(Qwen3Config(**text_config)), bf16, device))
     quantize_model(text_encoder, include=FACTS.quantize_pattern("text_encoder"), dtype=bf16)
     paths["text_encoder"] = save_quantized(text_encoder, ckpts / TEXT_ENCODER_FILE, dtype=bf16, prefix="model.")
     del text_encoder
+    _free(device)
     (ckpts / "Qwen3" / "config.json").write_text(json.dumps({**text_config, "architectures": ["Qwen3ForCausalLM"]}))
     tokenizer = tiny.build_tokenizer()  # offline: any token ids index the real-size embedding just as well
     tokenizer.save_pretrained(ckpts / "Qwen3")
     tokenizer.backend_tokenizer.model.save(str(ckpts / "Qwen3"))
-    log(f"text encoder: {time.perf_counter() - start:.1f} s")
+    log(f"text encoder: {time.perf_counter() - start:.1f} s on {device}")
 
     vae = AutoencoderKL(**vae_config).to(bf16)
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(ckpts / VAE_FILE))
     (ckpts / VAE_CONFIG_FILE).write_text(vae.to_json_string())
     return paths
+
+
+def build_anywhere(workdir: Path, tiny: bool, device: str) -> tuple[dict[str, Path], str]:
+    """`build` on `device`, or on the CPU when that fails (a GPU problem must not cost the profile runs);
+    returns the paths and the device that did it."""
+    if device != "cpu":
+        try:
+            return build(workdir, tiny, device), device
+        except Exception as exc:  # any failure: the CPU build is the fallback
+            log(f"build on {device} failed ({type(exc).__name__}: {exc}); building on the CPU instead")
+            _free(device)
+    return build(workdir, tiny, "cpu"), "cpu"
+
+
+def _free(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 # -- run ------------------------------------------------------------------------------------------
@@ -149,7 +174,7 @@ def run(workdir: Path, profile: str, cap_gb: float | None, size: int, steps: int
     import wgp
     from host.device import vram_peak
 
-    row: dict[str, Any] = {"profile": profile, "cap_gb": cap_gb, "size": size, "steps": steps, "device": device}
+    row: dict[str, Any] = {"stage": "profile", "profile": profile, "cap_gb": cap_gb, "size": size, "steps": steps, "device": device}
     if device.startswith("cuda"):
         total = torch.cuda.get_device_properties(device).total_memory
         row["gpu"] = torch.cuda.get_device_name(device)
@@ -200,18 +225,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--build-device", help="where build draws and quantizes the weights (default: --device)")
+    parser.add_argument("--results", type=Path, help="also append the row (JSON line) to this file")
     args = parser.parse_args(argv)
     if args.stage == "build":
-        paths = build(args.workdir, args.tiny)
-        print(json.dumps({k: str(v) for k, v in paths.items()}))
+        start = time.perf_counter()
+        paths, where = build_anywhere(args.workdir, args.tiny, args.build_device or args.device)
+        row = {"stage": "build", "ok": True, "build_s": round(time.perf_counter() - start, 1), "built_on": where,
+               **{k: str(v) for k, v in paths.items()}}
+        _record(row, args.results)
         return 0
     row = run(args.workdir, args.profile, args.cap_gb or None, args.size, args.steps, args.device)
     row["tiny"] = args.tiny
+    _record(row, args.workdir / "results.jsonl", args.results)
+    return 0 if row["ok"] else 1
+
+
+def _record(row: dict[str, Any], *files: Path | None) -> None:
+    """Print the row as one JSON line and append it to each file given."""
     line = json.dumps(row)
     print(line, flush=True)
-    with (args.workdir / "results.jsonl").open("a", encoding="utf-8") as f:
-        f.write(line + "\n")
-    return 0 if row["ok"] else 1
+    for path in (f for f in files if f is not None):
+        with path.open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
 
 
 if __name__ == "__main__":
