@@ -15,8 +15,9 @@ Linears, q k v out w1 w2 w3, and of attention's two products, over the 30 layers
 the 2 noise-refiner blocks on image tokens and the 2 context-refiner blocks on caption tokens; embedders,
 final layer, modulation, norms, RoPE and softmax are left out: 62.5 TFLOP per forward at this shape) divided
 by the card's measured bf16 matmul rate (bench/rates.py MatmulReference, bursts between the timed rounds).
-Our forward runs the noise refiner once for the two guidance rows (it never sees the caption), about 3.9
-TFLOP fewer per step than the count, so ours may reach a little above 100% of that floor in principle.
+Our forward runs the noise refiner once for the two guidance rows (it never sees the caption): 3.4 TFLOP
+fewer per step than the count's 125.0 (2 blocks over 4096 image tokens for one row), so ours could in
+principle reach 103% of that floor.
 
 `--dry-run` runs the same code with the test fixtures' tiny config on the CPU in fp32 at 64x64 with a
 32-token caption, compiling with the aot_eager backend (tests/test_gpu_check.py); its figures mean nothing.
