@@ -108,6 +108,8 @@ EOF
 
 stage packages 30 "$PY" bench/gpu_check_report.py packages
 if [ "$DRY" = 1 ]; then
+  # Tiny tensors: one thread each (a thread pool waiting on a busy machine made each tiny matmul take ~20 ms).
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   SPEED=(--dry-run --workdir "$WORK/dry")
   stage transformer 120 "$PY" bench/gpu_check_speed.py transformer --results "$RESULTS" "${SPEED[@]}"
   stage build 120 "$PY" bench/gpu_check.py build --workdir "$WORK/dry" --tiny --build-device cpu --results "$RESULTS"
