@@ -78,6 +78,8 @@ def timing_line(
         parts.append(f"VAE encode {timings['vae_encode_s']:.2f} s")
     if "denoise_s" in timings:
         parts.append(f"denoise {timings['denoise_s']:.2f} s ({timings.get('s_per_it', 0.0):.2f} s/it)")
+    if "compile_s" in timings:  # torch.compile's share of the denoise time (host/compile.py)
+        parts.append(f"compile {timings['compile_s']:.2f} s of it")
     if "vae_decode_s" in timings:
         parts.append(f"VAE decode {timings['vae_decode_s']:.2f} s")
     parts.append(f"{peak_what} {peak_gb:.2f} GB")

@@ -21,11 +21,13 @@ from common.model_facts import DENOISER
 from host import PROGRAM_NAME, __version__, lowvram, wan2gp
 from host import settings as host_settings
 from host.cache.step_cache import OFF, StepCacheTransform, cache_level
+from host.compile import CompileTransform
 from host.device import DeviceChoice, attention_backend, choose_device, peak_memory_gb, reset_peak_memory
 from host.files import DEFAULT_CKPTS, CheckpointFolders, download_file, resolve_files, specs_from_model_def
 from host.hashes import HashCache
 from host.lora import LoraReport, LoraTransform
 from host.lora.task import LoraChoice, expand_lset, lora_folders, task_loras
+from host.lowvram.offload import uses_mmgp
 from host.outputs import check_output_folder, output_name, remove_stale_temp_files, save_image
 from host.presets import DEFAULTS_DIR, FINETUNES_DIR, Preset, PresetCatalog, load_presets
 from host.registry import DEFAULT_MODELS_ROOT, REPO_ROOT, FamilyHandler, LoadedModel, Registry, discover
@@ -230,6 +232,7 @@ class Session:
         """
         load_s = self._load_weights(task, files)
         lora_s = self._attach_loras(task)
+        self._set_compile(task)
         return self._loaded.model, None if load_s is None and lora_s is None else (load_s or 0.0) + (lora_s or 0.0)
 
     def _load_weights(self, task: Task, files: Mapping[str, Path]) -> float | None:
@@ -241,12 +244,14 @@ class Session:
             s["quantization"],
             str(s["profile"]),
             self.device.device,
+            self._mmgp_compiles(task),  # under mmgp its profile() compiles: changing that reloads
         )
         if self._loaded is not None and self._loaded.key == key:
             return None
         self.release()
         start = time.perf_counter()
         options = {"device": self.device.device, "dtype": self.device.dtype, "quantization": s["quantization"], "profile": s["profile"]}
+        options["compile"] = self._mmgp_compiles(task)
         options = lowvram.load_options(options)  # load on the CPU under mmgp, on-demand text encoder, int8 reader
         model = self.handler(task.preset).load_model(task.preset.architecture, task.preset.model_def, files, options)
         stack = lowvram.apply_lowvram(model, options, files, task.preset.facts)  # int8, cache, tiling, guard, offload
@@ -272,6 +277,20 @@ class Session:
             loaded.transforms.pop(LoraTransform.name)
         loaded.loras = task.loras
         return time.perf_counter() - start
+
+    def _mmgp_compiles(self, task: Task) -> bool:
+        """True when mmgp offloads this task's model and `compile` is on: mmgp's profile() compiles the blocks
+        then (host/lowvram/offload.py), keeping its block loading outside the compiled code."""
+        return bool(task.settings.get("compile")) and uses_mmgp(self.device.device, task.settings["profile"])
+
+    def _set_compile(self, task: Task) -> None:
+        """The loaded model's repeated blocks compiled when the task asks for `compile`, eager otherwise (the
+        compiled code stays with the model between tasks, and LoRAs swapped under it are followed)."""
+        stack = self._loaded.transforms
+        if not task.settings.get("compile"):
+            stack.pop(CompileTransform.name)
+        elif stack.get(CompileTransform.name) is None:
+            stack.push(CompileTransform(task.preset.facts, compile_blocks=not self._mmgp_compiles(task)))
 
     def lora_reports(self) -> list[LoraReport]:
         """Load reports of the LoRAs on the loaded model (empty when it has none or nothing is loaded)."""
@@ -330,6 +349,11 @@ class Session:
         info = self.provenance(task, settings, files, backend, output, reports)
         if cache is not None and cache.last_report is not None:  # which steps reused the cache, in the saved image
             info["step_cache"] = cache.last_report.to_dict()
+        compiled = self.transform(CompileTransform.name)
+        if compiled is not None and compiled.last_report is not None:  # compile seconds apart from the steps
+            info["compile"] = compiled.last_report.to_dict()
+            if compiled.last_report.compile_s is not None:
+                info["timings"]["compile_s"] = round(compiled.last_report.compile_s, 4)
         result = TaskResult(task, list(output.images), settings, info, load_s, peak_gb, peak_what)
         result.lora_reports = [r.to_dict() for r in reports]
         if save_to is not None:

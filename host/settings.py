@@ -61,6 +61,13 @@ HOST_SPECS: tuple[SettingSpec, ...] = (
         group="advanced", choices=("off", "fast", "faster"), label="Step cache",
     ),
     SettingSpec(
+        "compile", "bool", False,
+        "torch.compile the denoiser's repeated blocks (the first generation compiles, a new batch shape or LoRA set "
+        "may compile again: the seconds are reported; on the CPU inductor needs a C++ compiler, else it runs eager "
+        "with a warning)",
+        group="advanced", changes_image=False, label="Compile (torch.compile)",
+    ),
+    SettingSpec(
         "activated_loras", "list", [], "LoRA file names in the LoRA folders (or absolute paths), after the preset's",
         group="lora", flag="loras", cli=False, label="LoRAs (family folder)",
     ),

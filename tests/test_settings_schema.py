@@ -307,7 +307,7 @@ OLD_FORM = (  # host/web_form.py FORM_FIELDS before the schema: the Z-Image page
     "model prompt negative_prompt width height steps guidance flow_shift seed batch_size cfg_normalization "
     "cfg_truncation nag_scale nag_tau nag_alpha sample_solver seed_variety seed_variety_steps max_tokens image_start image_mask "
     "denoising_strength image_guide control_preprocess control_net_weight "
-    "quantization profile attention output_format cache "
+    "quantization profile attention output_format cache compile "
     "loras loras_multipliers"
 ).split()
 

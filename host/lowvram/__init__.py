@@ -83,6 +83,7 @@ def lowvram_transforms(
     components = facts.names if facts is not None else None
     offload = offload_mod.OffloadTransform(options.get("profile", "auto"), device, options.get("dtype"), components)
     offload.cotenants = step_cotenants(facts)
+    offload.compile = bool(options.get("compile"))  # the `compile` setting under mmgp: its profile() compiles
     transforms.append(offload)
     return transforms
 

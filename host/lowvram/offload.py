@@ -85,13 +85,15 @@ def apply_offload(
     dtype: torch.dtype | None = None,
     components: Sequence[str] | None = None,
     cotenants: Mapping[str, Sequence[str]] | None = None,
+    compiled: Sequence[str] = (),
 ) -> OffloadHandle:
     """Offload the model's parts (`components`, in run order: the family's facts) with mmgp's `profile`.
 
     The parts must have been loaded on the CPU (`load_device`); the model's `device` becomes `device`.
     dtype: the compute dtype (default: that of the first part's weights). components: default, every part
     the model's `components()` lists. cotenants: part -> the parts that stay on the GPU beside it (mmgp's
-    coTenantsMap, added to its own).
+    coTenantsMap, added to its own). compiled: the parts whose block stacks mmgp compiles (the `compile`
+    setting; see `compile_parts`).
     """
     global _LOGGED_CPU
     number = resolve_profile(profile, device)
@@ -124,6 +126,7 @@ def apply_offload(
             convertWeightsFloatTo=dtype,
             verboseLevel=0,
             **cotenant_map(cotenants),
+            **({"compile": list(compiled)} if compiled else {}),
         )
     finally:
         restore_default_device(previous)
@@ -182,6 +185,21 @@ def _float_dtype(module: Any) -> torch.dtype:
     return torch.float32
 
 
+def compile_parts(parts: Mapping[str, Any]) -> list[str]:
+    """The parts mmgp should compile for the `compile` setting: those declaring repeated blocks
+    (`_repeated_blocks`, host/compile.py).
+
+    Why mmgp's compile and not host/compile.py's on CUDA: mmgp replaces the forward of every module of an
+    offloaded part with its own loader (Python that moves weights to the GPU block by block), which a
+    compile applied from outside would have to trace. With `profile(compile=...)` mmgp installs loaders
+    made for compiled code instead: each block is loaded by a forward pre-hook that runs before its
+    compiled forward, and the per-module checks are excluded from tracing (mmgp 3.8.2 offload.py
+    `hook_preload_blocks_for_compilation`, `_pre_check`); it also resets PyTorch's compile caches and raises
+    the recompile limit. This is the path Wan2GP's own --compile takes. It compiles the block stacks it
+    detects (5 blocks or more: the main layers), not the short refiner stacks. Not run on a GPU here yet."""
+    return [name for name, part in parts.items() if getattr(part, "_repeated_blocks", None)]
+
+
 @dataclass
 class OffloadTransform:
     """mmgp offload as a transform: applied after the others (it wraps the parts' forwards last); after each
@@ -195,9 +213,14 @@ class OffloadTransform:
     reversible: bool = True
     handle: OffloadHandle | None = None
     cotenants: Mapping[str, Sequence[str]] = field(default_factory=dict)  # parts that share the GPU (step_cotenants)
+    compile: bool = False  # the `compile` setting: mmgp compiles the parts' block stacks (compile_parts)
 
     def apply(self, model: Any) -> None:
-        self.handle = apply_offload(model, self.profile, self.device, self.dtype, self.components, self.cotenants)
+        compiled = []
+        if self.compile:
+            names = list(self.components) if self.components is not None else list(model.components())
+            compiled = compile_parts({name: component(model, name) for name in names})
+        self.handle = apply_offload(model, self.profile, self.device, self.dtype, self.components, self.cotenants, compiled)
         hooks = hooks_of(model)
         if hooks is not None:
             hooks.after_generate.add(self.name, self.handle.after_generation)

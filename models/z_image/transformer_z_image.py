@@ -292,6 +292,7 @@ class ZImageTransformer(nn.Module):
     # timestep (t, then t * 1000) feeds a sinusoid, and bf16 would round t * 1000 by up to 4 above 512.
     # Wrappers that cast inputs to the weights' dtype must leave these alone.
     fp32_input_modules: tuple[str, ...] = ("", "t_embedder")
+    _repeated_blocks = ("TransformerBlock",)  # diffusers' name: the blocks torch.compile compiles once for all
 
     def __init__(self, cfg: ZImageConfig):
         super().__init__()
