@@ -19,7 +19,7 @@
 #   e. one row per attention backend of the host setting (sdpa, flash, sage, sage2): s/step, or "not installed";
 #   then `pytest -m gpu` if time is left.
 # Each stage is a process with its own time limit (LIMIT_<stage>=seconds overrides one), and no stage starts
-# or runs past the overall budget (BUDGET_S, default 470 s), so one hang costs its own limit, never the rest.
+# or runs past the overall budget (BUDGET_S, default 450 s), so one hang costs its own limit, never the rest.
 # ONLY="transformer lora" runs just those stages (packages transformer build profile4 profile5 profile1 lora
 # attention compile pytest); the others are listed as not selected.
 # $OUT (default /tmp/gpu_check_out) gets table.md, results.jsonl (every figure), stages.jsonl (exit status and
@@ -41,7 +41,7 @@ PY=${PY:-python3}
 OUT=${OUT:-/tmp/gpu_check_out}
 WORK=${WORK:-/tmp/wgp_gpu_check}
 CAP_GB=${CAP_GB:-8}
-BUDGET_S=${BUDGET_S:-470}
+BUDGET_S=${BUDGET_S:-450}
 ONLY=${ONLY:-}
 RESERVE_S=10 # kept for the table at the end
 MIN_S=20     # a stage with less time than this left is skipped, not started

@@ -151,3 +151,15 @@ def test_packages_are_checked_against_the_pinned_requirements(tmp_path: Path) ->
     assert missing == ["surely-not-a-package-xyz", "gradio-not-here"]
     assert any(o.startswith("safetensors ") and o.endswith("(pinned 0.0.1)") for o in other)
     assert not any(o.startswith("torch ") for o in other) and optional in ([], ["ruff"])
+
+
+def test_the_floor_counts_62_5_tflop_per_forward_at_the_full_shape() -> None:
+    """Row a's floor: transformer_flops for one row of 4096 image + 512 caption tokens, twice for the CFG batch."""
+    from bench.gpu_check_speed import floor_fields, make_shape, model_config
+
+    shape = make_shape(False, "cuda")
+    assert (shape.size, shape.caption, shape.dtype, shape.image_tokens) == (1024, 512, torch.bfloat16, 4096)
+    fields = floor_fields(shape, model_config(shape), rate=1e15, seconds={"ours": 0.25})
+    assert fields["tflop_per_forward"] == pytest.approx(62.492, abs=1e-3)  # REFERENCE.md section 7: 52.2 + 10.3
+    assert fields["floor_s"] == pytest.approx(2 * 62.4918e12 / 1e15, abs=1e-4)  # rounded to 4 decimals
+    assert fields["ours_of_floor"] == pytest.approx(fields["floor_s"] / 0.25, abs=1e-3)
