@@ -3,16 +3,20 @@ the image's PSNR against the uncached image, for each `cache` level Z-Image offe
 Turbo (8 steps).
 
     .venv/bin/python bench/bench_step_cache.py                       # mid config, 512x512, CPU fp32
-    .venv/bin/python bench/bench_step_cache.py --size 256 --levels 0.05:0.1,0.08:0.2 --cases base
+    .venv/bin/python bench/bench_step_cache.py --size 256 --levels 0.05:0.1,0.08:0.2 --cases base \
+        --folder /tmp/mid --reuse-reference                          # quick sweeps on one kept model
 
 Random weights (bench/bench_engine.py's mid model): the forwards saved and the PSNR say how the criterion behaves
 on this network's dynamics, not what it does to real Z-Image images; quality on the real weights is to be
-checked on a GPU. `--levels tau:warmup,...` tries other thresholds than the shipped levels.
+checked on a GPU. `--levels tau:warmup,...` tries other thresholds than the shipped levels. Forwards and PSNR are
+deterministic; the seconds follow the machine's load (printed at the start and the end), so the time column is
+the ratio to the uncached run of the same process.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -34,6 +38,11 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB of two 8-bit images (inf when equal)."""
     mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
     return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, as `uptime` prints them."""
+    return ", ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 def run(pipe, settings: dict, level=None) -> tuple[np.ndarray, float, dict | None]:
@@ -68,6 +77,9 @@ def main() -> None:
     parser.add_argument("--cases", default="base,turbo")
     parser.add_argument("--levels", help="tau:warmup pairs instead of the shipped levels, e.g. 0.05:0.1,0.1:0.2")
     parser.add_argument("--folder", type=Path, help="an existing mid model folder (bench_engine.build) to reuse")
+    parser.add_argument("--reuse-reference", action="store_true",
+                        help="take the uncached image (and its seconds) saved in --folder by an earlier run at this size "
+                             "(quick sweeps; the time ratio then compares different runs)")
     args = parser.parse_args()
     import torch
 
@@ -81,29 +93,30 @@ def main() -> None:
             build(folder)
         pipe = ZImagePipeline.from_components(ZImageComponents.from_diffusers_folder(folder), LoadOptions(dtype=torch.float32))
         print(f"mid config (bench_engine.MID), {args.size}x{args.size}, CPU fp32, {torch.get_num_threads()} threads; "
-              f"random weights")
-        print("| case | cache | forwards | denoise (s) | PSNR vs uncached (dB) | skipped steps |\n|---|---|---|---|---|---|")
+              f"random weights; load average {load_average()} at the start")
+        print("| case | cache | forwards | denoise (s) | time vs uncached | PSNR vs uncached (dB) | skipped steps |\n"
+              "|---|---|---|---|---|---|---|")
         for name in args.cases.split(","):
             architecture, case = CASES[name]
             settings = dict(prompt=PROMPT, width=args.size, height=args.size, seed=7, **case)
             steps = settings["num_inference_steps"]
-            saved = folder / f"uncached_{name}_{args.size}.npz"  # reused by later runs on the same --folder
-            if saved.exists():
-                kept = np.load(saved)
-                reference, seconds = kept["image"], float(kept["seconds"])
+            kept = folder / f"uncached_{name}_{args.size}.npz"  # with --reuse-reference: from an earlier run
+            if args.reuse_reference and kept.exists():
+                with np.load(kept) as data:
+                    reference, uncached_s = data["image"], float(data["seconds"])
             else:
-                reference, seconds, _ = run(pipe, settings)
-                np.savez(saved, image=reference, seconds=seconds)
-            print(f"| {name} {steps} steps | off | {steps} | {seconds:.1f} | - | - |", flush=True)
+                reference, uncached_s, _ = run(pipe, settings)
+                np.savez(kept, image=reference, seconds=uncached_s)
+            print(f"| {name} {steps} steps | off | {steps}/{steps} | {uncached_s:.1f} | 1.00 | - | - |", flush=True)
             for level in levels_for(architecture, args.levels):
                 image, seconds, report = run(pipe, settings, level)
                 assert report is not None
                 skipped = format_steps(report["skipped_steps"]) or "none"
-                saved = 1 - report["forwards"] / report["evaluations"]
+                fewer = 1 - report["forwards"] / report["evaluations"]
                 print(f"| {name} {steps} steps | {level.name} (tau {level.threshold}, warm-up {level.warmup}) | "
-                      f"{report['forwards']} ({100 * saved:.0f}% fewer) | {seconds:.1f} | "
-                      f"{psnr(reference, image):.1f} | {skipped} |", flush=True)
-
+                      f"{report['forwards']}/{report['evaluations']} ({100 * fewer:.0f}% fewer) | {seconds:.1f} | "
+                      f"{seconds / uncached_s:.2f} | {psnr(reference, image):.1f} | {skipped} |", flush=True)
+        print(f"load average {load_average()} at the end")
 
 if __name__ == "__main__":
     main()

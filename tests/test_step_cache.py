@@ -136,6 +136,15 @@ def test_levels_are_declared_per_model_type() -> None:
     assert cache_level(base, "off", "z_image_base") is None and cache_level(base, "fast", "z_image_base") is not None
 
 
+def test_no_shipped_preset_caches_by_default() -> None:
+    """Cached runs are opt-in: every shipped preset (host defaults, family defaults, preset settings merged) prepares
+    a task without `cache` to "off"."""
+    session = Session()  # the shipped presets; validation only
+    defaults = {model_type: session.prepare({"model_type": model_type, "prompt": "x"}).settings["cache"]
+                for model_type in session.catalog.presets}
+    assert {"z_image", "z_image_base"} <= set(defaults) and set(defaults.values()) == {"off"}
+
+
 def test_a_model_type_without_levels_refuses_them(tmp_path: Path) -> None:
     session = Session(toy_env(tmp_path))
     assert session.prepare({"model_type": "toy"}).settings["cache"] == "off"  # never the default
