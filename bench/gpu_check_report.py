@@ -140,6 +140,17 @@ def compile_cell(r: Row) -> Cell:
     )
 
 
+def product_compile_cell(r: Row) -> Cell:
+    report = r.get("first_compile_report") or {}
+    compiling = r.get("first_compile_s")
+    how = f"compile used: {'yes' if report.get('used') else 'NO'}, {report.get('blocks', 0)} blocks"
+    if report.get("reason"):
+        how += f" ({report['reason']})"
+    first = f"first generation {r.get('first_s_per_it', 0):.3f} s/step" + (
+        f", compiling {compiling:.1f} s" if compiling is not None else ", no compile seconds reported")
+    return f"{r['s_per_it']:.3f} s/step", f"{first}; {how}".replace("|", "/")
+
+
 def attention_cell(r: Row) -> Cell:
     if "s" not in r:
         return "-", r["status"]
@@ -150,8 +161,8 @@ def error_cell(r: Row) -> Cell:
     return "error", str(r.get("error", "?")).splitlines()[0][:200].replace("|", "/")
 
 
-def _profile_row(profile: str) -> Callable[[Row], bool]:
-    return lambda r: r["stage"] == "profile" and str(r.get("profile")) == profile
+def _profile_row(profile: str, compiled: bool = False) -> Callable[[Row], bool]:
+    return lambda r: r["stage"] == "profile" and str(r.get("profile")) == profile and bool(r.get("compile")) == compiled
 
 
 def _backend_row(backend: str) -> Callable[[Row], bool]:
@@ -177,6 +188,8 @@ SPECS: list[tuple[str, str, list[str], Callable[[Row], bool], Callable[[Row], li
      lambda r: r["stage"] == "lora", lambda r: [lora_cell(r)]),
     ("d", "compile", ["torch.compile of the transformer blocks: compiled vs eager"], lambda r: r["stage"] == "compile",
      lambda r: [compile_cell(r)]),
+    ("d", "profile4_compile", ["--compile through the product: profile 4, int8, cap 8 GiB, second generation"],
+     _profile_row("4", compiled=True), lambda r: [product_compile_cell(r)]),
     *[("e", "attention", [f"attention backend {name}"],
        _backend_row(name), lambda r: [attention_cell(r)])
       for name in ("sdpa", "flash", "sage", "sage2")],

@@ -157,7 +157,7 @@ def floor_fields(shape: Shape, cfg: Any, rate: float, seconds: dict[str, float])
     return {
         "tflop_per_forward": round(per_forward / 1e12, 3),
         "matmul_tflops": round(rate / 1e12, 2),
-        "floor_s": round(floor_s, 4),
+        "floor_s": round(floor_s, 6),
         **{f"{name}_of_floor": round(floor_s / s, 3) for name, s in seconds.items()},
     }
 
