@@ -14,6 +14,8 @@ and time mean anything. `run` caps the process at `--cap-gb` of the card
 files, int8 loader, low-VRAM transforms, mmgp profile) and generates one image; it prints one JSON
 line (also appended to W/results.jsonl): peak allocated, reserved and context, seconds per step, the
 VAE decode and text encoding times, or the error (an out-of-memory under the cap is a result, not a crash).
+`run --compile` turns the `compile` setting on and generates twice: the first generation compiles (its
+timings, `compile_s` among them, come as first_*), the second is the steady one.
 
 `build` makes the random weights and quantizes them on the GPU when there is one (`--build-device`; seconds
 instead of minutes of CPU work for 10B parameters) and falls back to the CPU if that fails. Each row also goes
