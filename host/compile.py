@@ -143,7 +143,8 @@ class CompileTransform:
         self._signature, self._fresh = hook_signature(self._parts), True  # with the timing hooks just added
         hooks = hooks_of(model)
         if hooks is not None:
-            hooks.predict.add(self.name, self._predict, outermost=True)
+            hooks.predict.add(self.name, self._predict)
+            hooks.before_step.add(self.name, lambda step, total: self._stay_innermost(hooks))
             hooks.after_generate.add(self.name, self._finish)
         log.info("compile: %d repeated blocks of %s", len(self.blocks), ", ".join(type(p).__name__ for p in self._parts))
 
@@ -155,6 +156,7 @@ class CompileTransform:
         hooks = hooks_of(model)
         if hooks is not None:
             hooks.predict.remove(self.name)
+            hooks.before_step.remove(self.name)
             hooks.after_generate.remove(self.name)
 
     # -- parts -------------------------------------------------------------------------------------
@@ -188,6 +190,12 @@ class CompileTransform:
             self._fall_back(exc)
             with _eager():
                 return call_next(*args, **kwargs)
+
+    def _stay_innermost(self, hooks: Any) -> None:
+        """Keep the `predict` middleware innermost (a step cache pushed for the run goes below it otherwise), so an
+        evaluation retried eagerly is retried below every other middleware, which each see it once."""
+        if hooks.predict.owners[-1:] != [self.name]:
+            hooks.predict.add(self.name, self._predict)
 
     def _start(self) -> None:
         self._running, self._durations = True, []

@@ -183,14 +183,15 @@ def test_cli_compile_flag_end_to_end_and_the_cached_model_follows_the_setting(
 
 def test_a_failing_compile_runs_eager_with_one_warning(tmp_path: Path) -> None:
     """inductor without a C++ compiler (CXX points nowhere, an empty compile cache) in a child process: the task
-    succeeds with the eager image, warns once, and the saved image says compile was not used and why."""
+    succeeds with the eager image, warns once, and the saved image says compile was not used and why. With a step
+    cache on, the failed evaluation is rerun below it: the cache counts each of the 4 evaluations once."""
     env = {
         **os.environ,
         "CXX": str(tmp_path / "no-such-compiler"),
         "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),  # no compiled kernels to reuse
         "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
     }
-    args = ["--ckpts", str(tmp_path / "ckpts"), "--offline", "--device", "cpu", "--prompt", "a fox", "--seed", "2"]
+    args = ["--ckpts", str(tmp_path / "ckpts"), "--offline", "--device", "cpu", "--prompt", "a fox", "--seed", "2", "--cache", "fast"]
     command = [sys.executable, "wgp.py", "--model", "z_image_selftest", *args]
     child = subprocess.run(
         [*command, "--compile", "--output-dir", str(tmp_path / "on")], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
@@ -204,6 +205,7 @@ def test_a_failing_compile_runs_eager_with_one_warning(tmp_path: Path) -> None:
     )
     assert eager.returncode == 0, eager.stderr
     [on], [off] = (tmp_path / "on").glob("*.png"), (tmp_path / "off").glob("*.png")
-    info = json.loads(Image.open(on).info["wgp_settings"])["generation_info"]["compile"]
-    assert info["used"] is False and "compiler" in info["reason"].lower()
+    info = json.loads(Image.open(on).info["wgp_settings"])["generation_info"]
+    assert info["compile"]["used"] is False and "compiler" in info["compile"]["reason"].lower()
+    assert info["step_cache"]["evaluations"] == info["step_cache"]["forwards"] == 4
     assert np.array_equal(np.asarray(Image.open(on)), np.asarray(Image.open(off)))
