@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, ZImageControlNetInpaintPipeline, ZImageControlNetPipeline
 from PIL import Image
 
@@ -27,6 +26,7 @@ from tests.fixtures.controlnets import (
     write_controlnet,
     write_json,
 )
+from tests.fixtures.reference import reference_images
 
 WIDTH, HEIGHT = 64, 48
 # preset id -> (version, layout of its ControlNet file): every version and every layout at least once.
@@ -85,22 +85,8 @@ def reference(parts: Any, version: str, s: dict[str, Any]) -> np.ndarray:
     )
     pipe.set_progress_bar_config(disable=True)
     extra = {"image": s.get("image_start") or s["image_guide"], "mask_image": s["image_mask"]} if inpaint else {}
-    out = pipe(
-        prompt=s["prompt"],
-        negative_prompt=s.get("negative_prompt") or None,
-        control_image=s["image_guide"],
-        controlnet_conditioning_scale=s["control_net_weight"],
-        width=s["width"],
-        height=s["height"],
-        num_inference_steps=s["num_inference_steps"],
-        guidance_scale=s["guidance_scale"],
-        num_images_per_prompt=s.get("batch_size", 1),
-        max_sequence_length=64,
-        generator=torch.Generator("cpu").manual_seed(s["seed"]),
-        output_type="np",
-        **extra,
-    ).images
-    return (out * 255).round()
+    return reference_images(pipe, s, control_image=s["image_guide"], controlnet_conditioning_scale=s["control_net_weight"],
+                            max_sequence_length=64, **extra)
 
 
 def settings(**changes: Any) -> dict[str, Any]:

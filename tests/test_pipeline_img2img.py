@@ -17,6 +17,7 @@ from PIL import Image
 import wgp
 from common.errors import SettingsError
 from host.session import HostConfig
+from tests.fixtures.reference import reference_images
 
 PRESETS = {  # finetunes of each architecture on the tiny diffusers folder; fp32 so the comparisons are exact
     "tiny_turbo": {"architecture": "z_image", "flow_shift": 3.0},
@@ -72,22 +73,7 @@ def reference(pipes: dict[str, object], model_type: str, s: dict) -> np.ndarray:
     pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=PRESETS[model_type]["flow_shift"])
     image = pipe.image_processor.resize(s["image_start"], s["height"], s["width"])
     extra = {"mask_image": s["image_mask"]} if inpaint else {}
-    out = pipe(
-        prompt=s["prompt"],
-        image=image,
-        strength=s["denoising_strength"],
-        negative_prompt=s.get("negative_prompt") or None,
-        width=s["width"],
-        height=s["height"],
-        num_inference_steps=s["num_inference_steps"],
-        guidance_scale=s["guidance_scale"],
-        cfg_normalization=s.get("cfg_normalization", False),
-        num_images_per_prompt=s.get("batch_size", 1),
-        generator=torch.Generator("cpu").manual_seed(s["seed"]),
-        output_type="np",
-        **extra,
-    ).images
-    return (out * 255).round()
+    return reference_images(pipe, s, image=image, strength=s["denoising_strength"], **extra)
 
 
 def ours(config: HostConfig, model_type: str, s: dict) -> np.ndarray:

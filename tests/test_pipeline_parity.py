@@ -15,6 +15,7 @@ from diffusers import ZImagePipeline as ReferencePipeline
 from common.errors import GenerationCancelled, SettingsError
 from models.z_image.pipeline_z_image import LoadOptions, ZImageComponents, ZImagePipeline
 from models.z_image.tiny_z_image import write_diffusers_layout
+from tests.fixtures.reference import reference_images
 
 LONG_PROMPT = "a watercolor painting of a lighthouse on a cliff at dawn, waves crashing, gulls, " * 3
 
@@ -36,21 +37,7 @@ def pipelines(folder: Path) -> tuple[ZImagePipeline, ReferencePipeline]:
 
 def _reference_images(ref: ReferencePipeline, s: dict) -> np.ndarray:
     ref.scheduler = FlowMatchEulerDiscreteScheduler(shift=s["flow_shift"])
-    out = ref(
-        prompt=s["prompt"],
-        negative_prompt=s.get("negative_prompt") or None,
-        width=s["width"],
-        height=s["height"],
-        num_inference_steps=s["num_inference_steps"],
-        guidance_scale=s["guidance_scale"],
-        cfg_normalization=s.get("cfg_normalization", False),
-        cfg_truncation=s.get("cfg_truncation", 1.0),
-        num_images_per_prompt=s.get("batch_size", 1),
-        max_sequence_length=s.get("max_sequence_length", 512),
-        generator=torch.Generator("cpu").manual_seed(s["seed"]),
-        output_type="np",
-    ).images
-    return (out * 255).round()
+    return reference_images(ref, s)
 
 
 CASES = {
