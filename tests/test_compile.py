@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,11 @@ from host.registry import REPO_ROOT
 from host.session import HostConfig, Session
 from tests.fixtures.pipelines import flat_pipeline
 
+# Inductor builds C++ on the CPU: without a compiler the feature runs eager (test_a_failing_compile_... covers that).
+needs_cxx = pytest.mark.skipif(
+    not any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++", "clang++")),
+    reason="torch.compile on the CPU needs a C++ compiler (g++)",
+)
 SETTINGS = dict(prompt="a red fox", width=64, height=64, num_inference_steps=2, guidance_scale=0.0, seed=5)
 
 
@@ -114,6 +120,7 @@ def test_under_mmgp_the_setting_reaches_its_own_compile(monkeypatch: pytest.Monk
 # -- compiling (own process) -----------------------------------------------------------------------------------------
 
 
+@needs_cxx
 @pytest.mark.isolated
 def test_compiled_blocks_give_the_eager_image_at_two_sizes_and_follow_loras(
     tiny_flat_layout: dict[str, Path], tmp_path: Path
@@ -153,6 +160,7 @@ def test_compiled_blocks_give_the_eager_image_at_two_sizes_and_follow_loras(
     assert not pipe.transformer._forward_hooks and not pipe.transformer._forward_pre_hooks
 
 
+@needs_cxx
 @pytest.mark.isolated
 def test_cli_compile_flag_end_to_end_and_the_cached_model_follows_the_setting(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
