@@ -5,6 +5,7 @@
 #   bash bench/gpu_check.sh              # on a CUDA machine (without CUDA: "no CUDA: skipped", exit 0)
 #   bash bench/gpu_check.sh --dry-run    # every stage's code on the CPU: tiny model, fp32, 64x64 (the test suite's)
 #   PY=.venv/bin/python OUT=/tmp/out bash bench/gpu_check.sh
+#   bash bench/gpu_wheels.sh             # here, first, for a GPU machine without PyPI: the wheels it lacks, in .whl/
 #
 # Rows (README "The GPU check" says what each measures):
 #   a. the 6B transformer in bf16, one step at 1024x1024 with a 512-token caption and the CFG batch of 2: ours
@@ -49,6 +50,16 @@ OPTIONAL=" profile4_compile pytest " # run when time is left: no time for them i
 RESERVE_S=10 # kept for the table at the end
 MIN_S=20     # a stage with less time than this left is skipped, not started
 
+# Wheels carried to a machine that cannot reach PyPI (bench/gpu_wheels.sh fills .whl/): installed apart, first on
+# the path, before anything imports.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  SITE=${WHEEL_SITE:-/tmp/gpu_check_site}
+  if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl; then
+    echo "gpu_check.sh: installing the carried wheels (.whl/*.whl) failed; rebuild them with bench/gpu_wheels.sh" >&2
+    exit 2
+  fi
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
 cuda=$("$PY" -c 'import torch; print("yes" if torch.cuda.is_available() else "no")' 2>/dev/null) || cuda=missing
 if [ "$cuda" = missing ]; then
   echo "torch cannot be imported with '$PY': pip install -r requirements.txt, or set PY=/path/to/python" >&2
