@@ -21,7 +21,10 @@ def test_importing_wgp_does_nothing(tmp_path: Path) -> None:
         "import sys, os; before = set(os.listdir('.')); import wgp; "
         "assert 'gradio' not in sys.modules, 'gradio imported'; "
         "assert 'huggingface_hub' not in sys.modules, 'hub imported'; "
-        "assert set(os.listdir('.')) == before, 'files created'"
+        "assert set(os.listdir('.')) == before, 'files created'; "
+        # nor the libraries only a loaded model, a batch on Ray or the web UI need: not even the CLI's module
+        "import host.cli; heavy = {'gradio', 'diffusers', 'transformers', 'mmgp', 'optimum', 'ray', 'peft', 'accelerate'}; "
+        "loaded = sorted(heavy & {m.split('.')[0] for m in sys.modules}); assert not loaded, f'imported: {loaded}'"
     )
     done = subprocess.run(
         [sys.executable, "-c", code],
