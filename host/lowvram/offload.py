@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from common.errors import SettingsError
+from host.compile import repeated_blocks
 from host.transforms import component, hooks_of
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ def compile_parts(parts: Mapping[str, Any]) -> list[str]:
     `hook_preload_blocks_for_compilation`, `_pre_check`); it also resets PyTorch's compile caches and raises
     the recompile limit. This is the path Wan2GP's own --compile takes. It compiles the block stacks it
     detects (5 blocks or more: the main layers), not the short refiner stacks. Not run on a GPU here yet."""
-    return [name for name, part in parts.items() if getattr(part, "_repeated_blocks", None)]
+    return [name for name, part in parts.items() if isinstance(part, torch.nn.Module) and repeated_blocks(part)]
 
 
 @dataclass
