@@ -22,6 +22,7 @@ from host.device import compute_dtype
 from host.lowvram import offload as offload_mod
 from host.lowvram.guards import BlackImageGuard
 from host.lowvram.heap import HeapTrim
+from host.lowvram.lean_decode import LeanDecode
 from host.lowvram.prompt_cache import PromptCacheTransform, file_identity
 from host.lowvram.quantize import cpu_safe_int8, is_quantized, load_quanto, quantize_model, set_int8_dtype
 from host.lowvram.vae_tiling import TilingOptions, VaeTilingTransform
@@ -75,6 +76,7 @@ def lowvram_transforms(
         Int8Transform(options.get("quantization") == "int8", device, options.get("dtype"), facts),
         PromptCacheTransform(file_identity(files.get("text_encoder"))),
         VaeTilingTransform(TilingOptions(mode=options.get("vae_tiling", "auto"))),
+        LeanDecode(facts),  # before the offload: mmgp wraps the lean walk like any forward
         BlackImageGuard(),
         HeapTrim(),
     ]
