@@ -119,14 +119,23 @@ def case_forward(path: str, quantization: str, size: int) -> dict:
     return {"forward_s": seconds, "peak_gb": peak_gb() - base}
 
 
-def case_vae(size: int) -> dict:
-    """Decode a size x size image with the Flux VAE architecture (random weights), fp32: activation peak."""
+def case_vae(size: int, walk: str = "stock") -> dict:
+    """Decode a size x size image with the Flux VAE architecture (random weights), fp32, channels-last as the
+    pipeline decodes on the CPU: activation peak. walk: "stock" (diffusers' Decoder.forward) or "lean"
+    (host/lowvram/lean_decode.py, what the host runs)."""
+    import functools
+
     import torch
     from diffusers import AutoencoderKL
 
+    from host.lowvram.lean_decode import lean_decoder_forward
+
+    torch.manual_seed(0)
     vae = AutoencoderKL(**FLUX_VAE).eval()
+    if walk == "lean":
+        vae.decoder.forward = functools.partial(lean_decoder_forward, vae.decoder)
     base = rss_gb()
-    z = torch.randn(1, 16, size // 8, size // 8)
+    z = torch.randn(1, 16, size // 8, size // 8).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         start = time.perf_counter()
         vae.decode(z, return_dict=False)
@@ -144,14 +153,16 @@ def run_case(*args: str) -> dict:
 
 def bench_vae() -> list[str]:
     rows = [
-        "| VAE decode (Flux VAE, fp32, CPU) | peak RSS over baseline | bytes per pixel | seconds |",
-        "|---|---|---|---|",
+        "| VAE decode (Flux VAE, fp32, CPU, channels-last) | walk | peak RSS over baseline | bytes per pixel | seconds |",
+        "|---|---|---|---|---|",
     ]
     for size in (256, 512):
-        r = run_case("vae", str(size))
-        rows.append(
-            f"| {size}x{size} | {r['peak_gb']:.3f} GB | {r['peak_gb'] * 1e9 / size**2:.0f} | {r['decode_s']:.1f} |"
-        )
+        for walk in ("stock", "lean"):
+            r = run_case("vae", str(size), walk)
+            rows.append(
+                f"| {size}x{size} | {walk} | {r['peak_gb']:.3f} GB | {r['peak_gb'] * 1e9 / size**2:.0f} | "
+                f"{r['decode_s']:.1f} |"
+            )
     return rows
 
 

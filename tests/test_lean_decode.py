@@ -182,12 +182,12 @@ PEAK = textwrap.dedent(
 def test_lean_decode_peak_is_lower() -> None:
     """512x512 with 64 channels at full resolution, channels-last as the pipeline decodes on the CPU (in NCHW,
     oneDNN's own layout copies of whole maps add to both): the stock walk holds three 64 MB maps at its peak
-    (the block input, its GroupNorm, its SiLU), the lean one a 64 MB map and two 32 MB ones. Measured: 203 MB
-    against 137 MB."""
+    (the block input, its GroupNorm, its SiLU), the lean one the upsampling's 16 MB input and its 64 MB output
+    (in strips, freed as the next resnet reads them). Measured: 203 MB against 97 MB."""
     peaks = {}
     for mode in ("stock", "lean"):
         ran = subprocess.run([sys.executable, "-c", PEAK, str(REPO), mode], capture_output=True, text=True, timeout=300)
         assert ran.returncode == 0, ran.stderr[-2000:]
         peaks[mode] = int(ran.stdout.strip().splitlines()[-1])
     assert peaks["stock"] > 180e6
-    assert peaks["lean"] < 0.8 * peaks["stock"], peaks
+    assert peaks["lean"] < 0.6 * peaks["stock"], peaks
