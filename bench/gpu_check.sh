@@ -20,11 +20,13 @@
 #      from the steady s/step; then, if time is left, --compile through the product (profile 4, int8, 8 GiB
 #      cap, where mmgp compiles): two generations, the first compiling;
 #   e. one row per attention backend of the host setting (sdpa, flash, sage, sage2): s/step, or "not installed";
+#   f. the Flux VAE decoding 1024x1024 in bf16, diffusers' Decoder.forward vs the host's lean walk: peak VRAM
+#      over the weights, s/decode, how far the pixels move;
 #   then `pytest -m gpu` if time is left (the optional stages: no time for them is not a failure).
 # Each stage is a process with its own time limit (LIMIT_<stage>=seconds overrides one), and no stage starts
 # or runs past the overall budget (BUDGET_S, default 450 s), so one hang costs its own limit, never the rest.
 # ONLY="transformer lora" runs just those stages (packages transformer build profile4 profile5 profile1 lora
-# attention compile profile4_compile pytest); the others are listed as not selected.
+# attention vae compile profile4_compile pytest); the others are listed as not selected.
 # $OUT (default /tmp/gpu_check_out) gets table.md, results.jsonl (every figure), stages.jsonl (exit status and
 # seconds of each stage), machine.txt and logs/<stage>.log; the random weights go to $WORK (/tmp/wgp_gpu_check).
 # Exit status: 0 when every selected stage ran and succeeded, 1 otherwise (failed, timed out, no time left),
@@ -144,6 +146,7 @@ else
 fi
 stage lora 150 "$PY" bench/gpu_check_speed.py lora --results "$RESULTS" "${SPEED[@]}"
 stage attention 120 "$PY" bench/gpu_check_speed.py attention --results "$RESULTS" "${SPEED[@]}"
+stage vae 60 "$PY" bench/gpu_check_speed.py vae --results "$RESULTS" "${SPEED[@]}"
 stage compile 240 "$PY" bench/gpu_check_speed.py compile --results "$RESULTS" "${SPEED[@]}"
 if [ "$DRY" = 1 ]; then
   stage profile4_compile 120 "$PY" bench/gpu_check.py run --workdir "$WORK/dry" --tiny --device cpu --profile 4 \

@@ -157,6 +157,17 @@ def attention_cell(r: Row) -> Cell:
     return f"{r['s']:.3f} s/step", f"{r['status']}; output vs sdpa {r['rel_diff_vs_sdpa']:.2g}; peak {r['peak_gb']} GB"
 
 
+def vae_cell(r: Row) -> Cell:
+    if r.get("lean_peak_gb") is None:
+        peaks = "no peak off CUDA"
+    else:
+        ratio = r["lean_peak_gb"] / r["stock_peak_gb"] if r["stock_peak_gb"] else float("nan")
+        peaks = f"{r['lean_peak_gb']:.2f} vs {r['stock_peak_gb']:.2f} GB (x{ratio:.2f})"
+    return peaks, (f"{r['size']}x{r['size']} {r['dtype']}, peak over weights + latent; {r['lean_s']:.3f} vs "
+                   f"{r['stock_s']:.3f} s per decode; lean vs stock pixels: relative {r['rel_diff']:.2g}, "
+                   f"largest {r['max_abs_diff']:.2g} (of [-1, 1])")
+
+
 def error_cell(r: Row) -> Cell:
     return "error", str(r.get("error", "?")).splitlines()[0][:200].replace("|", "/")
 
@@ -193,6 +204,8 @@ SPECS: list[tuple[str, str, list[str], Callable[[Row], bool], Callable[[Row], li
     *[("e", "attention", [f"attention backend {name}"],
        _backend_row(name), lambda r: [attention_cell(r)])
       for name in ("sdpa", "flash", "sage", "sage2")],
+    ("f", "vae", ["Flux VAE decode, 1024x1024 bf16: the host's lean walk vs diffusers' Decoder.forward"],
+     lambda r: r["stage"] == "vae", lambda r: [vae_cell(r)]),
 ]
 
 

@@ -7,6 +7,7 @@ with random bf16 weights on the GPU and appends its rows (JSON lines) to `--resu
     python bench/gpu_check_speed.py lora --results R          # (c) a random rank-32 LoRA through host/lora
     python bench/gpu_check_speed.py compile --results R       # (d) torch.compile of the repeated blocks
     python bench/gpu_check_speed.py attention --results R     # (e) every attention backend the host offers
+    python bench/gpu_check_speed.py vae --results R           # (f) the Flux VAE decode, stock vs the lean walk
 
 One step is one forward of the guidance batch: 2 rows (CFG: one image, two different 512-token captions),
 1024x1024 (4096 image tokens), t = 0.5, bf16. s/step is the best of `--reps` rounds after a warm-up.
@@ -51,7 +52,7 @@ from bench.gpu_check import randomise_  # noqa: E402
 from bench.rates import MatmulReference, time_alternating, time_call  # noqa: E402
 
 log = logging.getLogger("gpu_check")
-STAGES = ("transformer", "lora", "compile", "attention")
+STAGES = ("transformer", "lora", "compile", "attention", "vae")
 BACKENDS = ("sdpa", "flash", "sage", "sage2")  # the host setting `attention` (host/settings.py), auto aside
 # Every attention and FFN Linear of the blocks: what a full LoRA trains.
 LORA_TARGETS = re.compile(r"(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.w[123])$")
@@ -345,6 +346,45 @@ def stage_attention(shape: Shape) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
+def stage_vae(shape: Shape) -> list[dict[str, Any]]:
+    """(f) the Flux VAE (random weights) decoding one image at the step's size: diffusers' `Decoder.forward`
+    against the host's lean walk (host/lowvram/lean_decode.py): peak memory over what was allocated before
+    the decode (weights, latent), best seconds per decode, and how far the lean pixels are from the stock ones."""
+    import functools
+
+    from diffusers import AutoencoderKL
+
+    from bench.gpu_check import FLUX_VAE
+    from host.lowvram.lean_decode import lean_decoder_forward
+
+    tiny = {"block_out_channels": [8, 16, 16, 16], "norm_num_groups": 4, "layers_per_block": 1}
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**{**FLUX_VAE, **(tiny if shape.dry_run else {})}).to(shape.device, shape.dtype).eval()
+    z = torch.randn(1, 16, shape.size // 8, shape.size // 8, device=shape.device, dtype=shape.dtype)
+    walks = {"stock": type(vae.decoder).forward.__get__(vae.decoder), "lean": functools.partial(lean_decoder_forward, vae.decoder)}
+    row: dict[str, Any] = {"stage": "vae", "ok": True, "size": shape.size, "dtype": str(shape.dtype).removeprefix("torch."),
+                           "reps": shape.reps}
+    outputs = {}
+    cuda = shape.device.startswith("cuda")
+    with torch.no_grad():
+        for name, forward in walks.items():
+            vae.decoder.forward = forward
+
+            def decode() -> torch.Tensor:
+                return vae.decode(z, return_dict=False)[0]
+
+            outputs[name] = decode()
+            sync(shape.device)
+            base = torch.cuda.memory_allocated() if cuda else 0
+            seconds, peak = time_call(decode, shape.device, shape.reps)
+            row[f"{name}_s"] = round(seconds, 4)
+            row[f"{name}_peak_gb"] = round((peak - base) / 1e9, 3) if cuda else None
+    del vae.decoder.forward
+    row["rel_diff"] = round(rel_diff(outputs["lean"], outputs["stock"]), 6)
+    row["max_abs_diff"] = round((outputs["lean"].float() - outputs["stock"].float()).abs().max().item(), 5)
+    return [row]
+
+
 def backend_step(name: str, step: Callable[[], torch.Tensor], row: dict[str, Any]) -> Callable[[], torch.Tensor]:
     """A step under backend `name`; a kernel that fails at run time (the attention module then falls back to
     sdpa) is noted in `row`."""
@@ -371,6 +411,8 @@ def run_stage(args: argparse.Namespace) -> list[dict[str, Any]]:
         return stage_lora(shape, args.workdir, args.rank)
     if args.stage == "compile":
         return stage_compile(shape, args.compile_backend)
+    if args.stage == "vae":
+        return stage_vae(shape)
     return stage_attention(shape)
 
 

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 SH = REPO / "bench" / "gpu_check.sh"
 # Every row of the table, by its key: a (ours, diffusers, ratio), b (build, VRAM, 3 profiles), c, d (the blocks,
 # the product's --compile), e (4 backends), between the packages and pytest.
-ROW_KEYS = ["-"] + ["a"] * 3 + ["b"] * 5 + ["c", "d", "d"] + ["e"] * 4 + ["-"]
+ROW_KEYS = ["-"] + ["a"] * 3 + ["b"] * 5 + ["c", "d", "d"] + ["e"] * 4 + ["f"] + ["-"]
 
 
 def _check(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -68,7 +68,7 @@ def test_dry_run_runs_every_stage_and_prints_one_table(tmp_path: Path) -> None:
     table = (out / "table.md").read_text()
     assert table in ran.stdout and "DRY RUN" in table
     stages = {s["stage"]: s for s in _jsonl(out / "stages.jsonl")}
-    ran_stages = ["packages", "transformer", "build", "profile4", "lora", "attention", "compile", "profile4_compile"]
+    ran_stages = ["packages", "transformer", "build", "profile4", "lora", "attention", "vae", "compile", "profile4_compile"]
     assert all(stages[name]["exit"] == 0 for name in ran_stages), stages
     assert {stages[name]["skipped"] for name in ("profile5", "profile1", "pytest")} <= {"dry run", "dry run: the same code as profile 4"}
     variant = {"attention": "backend", "profile": "compile"}  # what tells a stage's rows apart
@@ -96,6 +96,8 @@ def test_dry_run_runs_every_stage_and_prints_one_table(tmp_path: Path) -> None:
     assert rows[("attention", "sdpa")]["status"] == "measured" and rows[("attention", "sdpa")]["rel_diff_vs_sdpa"] == 0
     for name in ("flash", "sage", "sage2"):
         assert "s" in rows[("attention", name)] or rows[("attention", name)]["status"].startswith("not installed")
+    vae = rows[("vae", None)]  # fp32, 64x64: nothing big enough to stream, so the lean walk's pixels are the stock ones
+    assert vae["stock_s"] > 0 and vae["lean_s"] > 0 and vae["max_abs_diff"] < 1e-5 and vae["lean_peak_gb"] is None
 
     body = _table(table)
     assert [row[0] for row in body] == ROW_KEYS
@@ -122,11 +124,11 @@ def test_no_stage_starts_past_the_budget(tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert ran.returncode == 1
     stages = _jsonl(out / "stages.jsonl")
-    assert all("exit" not in s for s in stages) and len(stages) == 11
+    assert all("exit" not in s for s in stages) and len(stages) == 12
     body = _table((out / "table.md").read_text())
     assert [row[0] for row in body] == ROW_KEYS
     assert all(row[3].startswith("skipped: ") for row in body)
-    assert sum("no time left in the 25 s budget" in row[3] for row in body) == 14
+    assert sum("no time left in the 25 s budget" in row[3] for row in body) == 15
 
 
 def test_table_shows_a_stage_error_and_a_failed_stage(tmp_path: Path) -> None:

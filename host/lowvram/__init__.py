@@ -3,7 +3,8 @@
 `load_options` adjusts what the family is asked to load (CPU first under mmgp, a lazily loaded text
 encoder, the int8 file loader); `lowvram_transforms` lists the transforms for a run, in order: int8
 (quantize on the fly when int8 is asked and no int8 file was loaded; int8 layers in the compute dtype,
-fp32 on the CPU), the prompt cache, VAE tiling, the black-image guard, the heap trim (freed C heap memory
+fp32 on the CPU), the prompt cache, VAE tiling, the lean VAE decode (lean_decode.py: the decoder's own modules
+walked with fewer full-size maps alive), the black-image guard, the heap trim (freed C heap memory
 handed back between the stages: heap.py), sequential guidance branches for
 the streaming profiles, and mmgp offload on CUDA. `apply_lowvram` applies them and returns the stack
 the session keeps (host/transforms.py). A transform skips what the model does not offer.
