@@ -193,7 +193,7 @@ def _resnet(resnet: nn.Module, held: list[Map]) -> torch.Tensor:
             h = resnet.conv1(F.silu(resnet.norm1(x), inplace=True))
         shortcut = resnet.conv_shortcut(x) if resnet.conv_shortcut is not None else x
     del x
-    if _big(h) and _streamable(resnet.norm2, resnet.conv2, h) and shortcut.shape == h.shape[:1] + shortcut.shape[1:]:
+    if _big(h) and _streamable(resnet.norm2, resnet.conv2, h) and shortcut.shape == h.shape:
         # the walk made this map and holds its only reference (an identity shortcut is the block's own input)
         out, _ = _norm_silu_conv(RowStrips([h]), resnet.norm2, resnet.conv2, into=shortcut)
         del h
