@@ -213,7 +213,9 @@ def test_one_run_does_everything_and_reports_its_phases(session: Session, tmp_pa
     assert dict(phases)["saved"]["paths"] == result.paths and all(p.is_file() for p in result.paths)
     model = session._loaded.model
     stack = session._loaded.transforms
-    assert stack.names == ["int8", "prompt_cache", "vae_tiling", "lean_decode", "black_image_guard", "heap_trim", "offload", "loras"]
+    assert stack.names == [
+        "int8", "packed_linears", "prompt_cache", "vae_tiling", "lean_decode", "black_image_guard", "heap_trim", "offload", "loras",
+    ]
     assert "phase_reporter" not in str(model.hooks.owners())
     assert type(model).generate is model.generate.__func__ and type(model).encode_prompt is model.encode_prompt.__func__
     assert "generate" not in vars(model) and "release" not in vars(model)

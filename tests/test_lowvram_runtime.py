@@ -258,7 +258,9 @@ def test_transforms_on_a_pipeline_cpu(tiny_flat_layout: dict[str, Path], caplog:
     with caplog.at_level(logging.INFO, logger="host.lowvram.offload"):
         stack = apply_lowvram(pipe, options, {"text_encoder": tiny_flat_layout["text_encoder"]}, FACTS)
     assert stack.model is pipe and is_quantized(pipe.transformer)
-    assert stack.names == ["int8", "prompt_cache", "vae_tiling", "lean_decode", "black_image_guard", "heap_trim", "offload"]
+    assert stack.names == [
+        "int8", "packed_linears", "prompt_cache", "vae_tiling", "lean_decode", "black_image_guard", "heap_trim", "offload",
+    ]
     assert pipe.hooks.decode.owners == ["black_image_guard", "vae_tiling", "heap_trim"]  # the guard sees the blended image
     assert pipe.batch_cfg  # no VRAM to save on the CPU: guidance branches stay batched
     stack.get("vae_tiling").options = tiles  # the host's threshold (1024 px) is far above this image: lower it

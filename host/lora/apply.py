@@ -192,7 +192,7 @@ class LoraRuntime:
             bias = module.bias.detach().clone() if module.bias is not None else None
             self._originals[name] = (module.weight.detach().clone(), bias)
             with torch.no_grad():
-                module.weight.copy_(new_w.to(module.weight.dtype))
+                write_weight(module, new_w.to(self._originals[name][0].dtype))
                 if new_b is not None and module.bias is not None:
                     module.bias.add_(new_b.to(module.bias))
 
@@ -204,10 +204,20 @@ class LoraRuntime:
         modules = dict(self.model.named_modules())
         with torch.no_grad():
             for name, (w, b) in self._originals.items():
-                modules[name].weight.copy_(w)
+                write_weight(modules[name], w)
                 if b is not None:
                     modules[name].bias.copy_(b)
         self._originals.clear()
+
+
+def write_weight(module: nn.Module, value: torch.Tensor) -> None:
+    """Set a layer's weight values: in place when it is a Parameter (mmgp and the optimizer-free hooks hold that
+    object), else by assignment (a layer whose `weight` is computed, e.g. host/lowvram/packed_linear.py's, takes
+    the new values that way; an in-place write to its copy would be lost)."""
+    if isinstance(module.weight, nn.Parameter):
+        module.weight.copy_(value)
+    else:
+        module.weight = value
 
 
 def _group(model: nn.Module, loras: Sequence[NormalizedLora]) -> Targets:

@@ -3,7 +3,8 @@
 `load_options` adjusts what the family is asked to load (CPU first under mmgp, a lazily loaded text
 encoder, the int8 file loader); `lowvram_transforms` lists the transforms for a run, in order: int8
 (quantize on the fly when int8 is asked and no int8 file was loaded; int8 layers in the compute dtype,
-fp32 on the CPU), the prompt cache, VAE tiling, the lean VAE decode (lean_decode.py: the decoder's own modules
+fp32 on the CPU), packed linears on the CPU (packed_linear.py: the denoiser's fp32 matmuls through oneDNN with
+weights packed once), the prompt cache, VAE tiling, the lean VAE decode (lean_decode.py: the decoder's own modules
 walked with fewer full-size maps alive), the black-image guard, the heap trim (freed C heap memory
 handed back between the stages: heap.py), sequential guidance branches for
 the streaming profiles, and mmgp offload on CUDA. `apply_lowvram` applies them and returns the stack
@@ -24,6 +25,7 @@ from host.lowvram import offload as offload_mod
 from host.lowvram.guards import BlackImageGuard
 from host.lowvram.heap import HeapTrim
 from host.lowvram.lean_decode import LeanDecode
+from host.lowvram.packed_linear import PackedLinears
 from host.lowvram.prompt_cache import PromptCacheTransform, file_identity
 from host.lowvram.quantize import cpu_safe_int8, is_quantized, load_quanto, quantize_model, set_int8_dtype
 from host.lowvram.vae_tiling import TilingOptions, VaeTilingTransform
@@ -75,6 +77,7 @@ def lowvram_transforms(
     profile = offload_mod.resolve_profile(options.get("profile", "auto"), device)
     transforms: list[Transform] = [
         Int8Transform(options.get("quantization") == "int8", device, options.get("dtype"), facts),
+        PackedLinears(str(device) == "cpu", facts),  # fp32 layers only: after int8, which leaves none to pack
         PromptCacheTransform(file_identity(files.get("text_encoder"))),
         VaeTilingTransform(TilingOptions(mode=options.get("vae_tiling", "auto"))),
         LeanDecode(facts),  # before the offload: mmgp wraps the lean walk like any forward

@@ -1,0 +1,210 @@
+"""Packed linears: on the CPU, the denoiser's large Linear layers multiply through oneDNN with their weights
+held once, in oneDNN's own blocked layout (`packed_linears`, always on where it applies).
+
+Why: PyTorch runs an fp32 `nn.Linear` on the CPU as an MKL sgemm. oneDNN's fp32 kernels with a weight reordered
+once into their blocked layout are faster on the machines measured here (2-core AMD EPYC, AVX2: 63-68 against
+55-62 GFLOP/s on the mid model's shapes, `bench/bench_packed_linear.py`), and about 75% of a CPU transformer
+forward is these matmuls. It is the layout PyTorch's own inductor gives frozen CPU linears
+(`torch.ops.mkldnn._reorder_linear_weight` + `_linear_pointwise`); here it runs eager, with no compile step.
+
+Memory: the packed weight replaces the dense one (same bytes); nothing is held twice. `PackedLinear.weight`
+still answers with the dense (out, in) values, as a fresh copy (LoRA runtime hooks, DoRA factors, state_dict);
+it is read-only (an inference tensor: changing it in place raises) and assigning a new weight packs it again.
+Numerics: the same products in another summation order, a float rounding apart (3e-6 on a 768-deep product of
+unit-scale values); a generation stays within 1/255 of diffusers' pixels (bench/bench_engine.py).
+
+Where it applies: the CPU, fp32 weights (bf16 or int8 layers are left alone: CPUs without native bf16 emulate
+it, and int8 has its own kernels), the denoiser's and its auxiliary parts' Linears whose both sides are at least
+`min_features` wide (the ones that see every token; a time-embedding GEMV gains nothing), oneDNN present and
+passing a self-check on a small layer. torch.compile of the same blocks takes the dense layers (the session pops
+this transform while `compile` is on). Removing the transform puts the original nn.Linear modules back, with
+dense weights equal to the packed values.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.model_facts import AUXILIARY, DENOISER, ModelFacts
+from host.transforms import component
+
+log = logging.getLogger(__name__)
+
+MIN_FEATURES = 512  # both sides of a packed layer at least this wide (the released model: 3840 and 10240)
+BATCH_HINT = 2048  # rows oneDNN is told to expect when choosing the blocked layout (tokens of one CFG forward)
+
+
+class PackedLinear(nn.Linear):
+    """An nn.Linear whose weight lives once in oneDNN's blocked layout and is multiplied by oneDNN.
+
+    Built from an existing layer (`from_linear`); the bias stays an ordinary parameter. `weight` reads as a
+    dense read-only copy and can be assigned (packed again); `state_dict()` holds the dense weight as before.
+    """
+
+    packed: torch.Tensor  # oneDNN (mkldnn layout) tensor, (out, in) logically
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, batch_hint: int = BATCH_HINT) -> PackedLinear:
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        object.__setattr__(layer, "batch_hint", batch_hint)
+        layer.register_parameter("bias", linear.bias)
+        layer.weight = linear.weight  # packs (__setattr__)
+        layer.train(linear.training)
+        share_hooks(linear, layer)
+        return layer
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "weight":  # nn.Module would file a Parameter under _parameters, beside the packed copy
+            if value.dtype != torch.float32 or value.device.type != "cpu":
+                raise ValueError(f"PackedLinear holds fp32 CPU weights (got {value.dtype} on {value.device})")
+            with torch.no_grad():
+                packed = torch.ops.mkldnn._reorder_linear_weight(value.detach().contiguous(), self.batch_hint)
+            object.__setattr__(self, "packed", packed)
+            return
+        super().__setattr__(name, value)
+
+    @property  # type: ignore[override]
+    def weight(self) -> torch.Tensor:
+        """The dense (out, in) weight, a fresh copy: read-only (in-place changes would be lost, so they raise)."""
+        with torch.inference_mode():
+            return self.packed.to_dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            # oneDNN's packed op has no backward formula (PyTorch would warn and give wrong gradients)
+            return nn.functional.linear(x, self.packed.to_dense(), self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def to_linear(self) -> nn.Linear:
+        """An ordinary nn.Linear with the same (dense) weight and the same bias parameter."""
+        with torch.device("meta"):
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear.weight = nn.Parameter(self.packed.to_dense(), requires_grad=False)
+        linear.bias = self.bias
+        linear.train(self.training)
+        share_hooks(self, linear)
+        return linear
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = self.packed.to_dense()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        key = prefix + "weight"
+        if key in state_dict:
+            self.weight = state_dict[key]
+        else:  # args: local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            args[2].append(key)
+        super()._load_from_state_dict({k: v for k, v in state_dict.items() if k != key}, prefix, *args)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> PackedLinear:
+        """`.to()`, `.float()` and the like: only what keeps fp32 on the CPU; anything else is refused with the
+        fix (the packing is a CPU form)."""
+        moved = fn(torch.empty(0, dtype=torch.float32))
+        if moved.dtype != torch.float32 or moved.device.type != "cpu":
+            raise RuntimeError(
+                "this model's linears are packed for the CPU (transform packed_linears): remove that transform "
+                f"before moving it to {moved.device} / {moved.dtype}"
+            )
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", packed for oneDNN"
+
+
+HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+              "_forward_pre_hooks_with_kwargs")
+
+
+def share_hooks(source: nn.Module, target: nn.Module) -> None:
+    """`target` takes `source`'s hook dictionaries themselves (not copies), so the handles already given out
+    (a LoRA's, to remove its hooks later) still reach the hooks on the swapped-in layer."""
+    for name in HOOK_DICTS:
+        object.__setattr__(target, name, getattr(source, name))
+
+
+@functools.cache
+def onednn_works() -> bool:
+    """oneDNN is built in and its packed fp32 linear matches F.linear on a small layer (checked once)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x, w = torch.randn(8, 64, generator=gen), torch.randn(32, 64, generator=gen)
+        b = torch.randn(32, generator=gen)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 8)
+        got = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+        return bool(torch.allclose(got, nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-4))
+    except (RuntimeError, AttributeError, NotImplementedError) as err:
+        log.info("oneDNN linear unavailable (%s): the CPU linears stay PyTorch's", err)
+        return False
+
+
+def packable(module: nn.Module, min_features: int) -> bool:
+    """A plain fp32 CPU nn.Linear (not a quantized or otherwise wrapped one) with both sides >= min_features."""
+    if type(module) is not nn.Linear:
+        return False
+    w = module.weight
+    return (
+        type(w) in (torch.Tensor, nn.Parameter)
+        and w.dtype == torch.float32
+        and w.device.type == "cpu"
+        and min(module.in_features, module.out_features) >= min_features
+    )
+
+
+@dataclass
+class PackedLinears:
+    """Swap the denoiser's (and auxiliary parts') large fp32 Linears for `PackedLinear` on the CPU."""
+
+    enabled: bool
+    facts: ModelFacts | None = None
+    min_features: int | None = None  # None: MIN_FEATURES, read when applied
+    name: str = "packed_linears"
+    reversible: bool = True
+    packed: list[str] = field(default_factory=list)  # qualified names of the swapped layers
+
+    def apply(self, model: Any) -> None:
+        if not self.enabled or not onednn_works():
+            return
+        min_features = MIN_FEATURES if self.min_features is None else self.min_features
+        for part_name, part in self._parts(model):
+            for parent_name, parent in list(part.named_modules()):
+                for child_name, child in list(parent.named_children()):
+                    if packable(child, min_features):
+                        setattr(parent, child_name, PackedLinear.from_linear(child))
+                        self.packed.append(".".join(n for n in (part_name, parent_name, child_name) if n))
+        if self.packed:
+            log.debug("packed %d linears for oneDNN", len(self.packed))
+
+    def set_active(self, model: Any, active: bool) -> None:
+        """Pack (when enabled) or unpack in place, the transform staying in the stack (the session unpacks while
+        `compile` is on: inductor lowers dense layers, not oneDNN's packed weights)."""
+        if active and not self.packed:
+            self.apply(model)
+        elif not active and self.packed:
+            self.remove(model)
+
+    def remove(self, model: Any) -> None:
+        for _, part in self._parts(model):
+            for parent in list(part.modules()):
+                for child_name, child in list(parent.named_children()):
+                    if isinstance(child, PackedLinear):
+                        setattr(parent, child_name, child.to_linear())
+        self.packed.clear()
+
+    def _parts(self, model: Any) -> list[tuple[str, nn.Module]]:
+        if self.facts is not None:
+            names = [c.name for c in self.facts.components if c.role in (DENOISER, AUXILIARY)]
+        else:
+            names = ["transformer"]
+        parts = [(name, component(model, name)) for name in names]
+        return [(name, part) for name, part in parts if isinstance(part, nn.Module)]

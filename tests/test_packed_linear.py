@@ -1,0 +1,204 @@
+"""Packed linears (host/lowvram/packed_linear.py): the denoiser's fp32 CPU linears through oneDNN with packed weights.
+
+The layer gives F.linear's values (a float rounding apart), holds its weight once, reads and writes its weight as
+an ordinary layer would (LoRA runtime hooks, merges, state_dict), and the transform puts the original layers back
+bit-equal. The session unpacks while `compile` is on (inductor lowers dense layers only). The tiny models' layers
+are narrower than MIN_FEATURES, so the tests that need the product path lower it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from lora_fixtures import DIALECTS, random_lora, tiny_model
+from torch import nn
+
+from host.lora.apply import LoraRuntime, linear_shapes
+from host.lowvram import apply_lowvram, load_options, lowvram_transforms
+from host.lowvram import packed_linear as pl
+from host.lowvram.packed_linear import PackedLinear, PackedLinears, onednn_works
+from models.z_image.lora_z_image import normalize_lora
+from tests.fixtures.pipelines import flat_pipeline
+
+pytestmark = pytest.mark.skipif(not onednn_works(), reason="this PyTorch build has no working oneDNN")
+
+
+def _facts() -> Any:
+    from models.z_image.z_image_handler import ZImageHandler
+
+    return ZImageHandler().query_model_facts("z_image", {})
+
+
+def _inputs(model: nn.Module, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    latents = torch.randn(2, cfg.in_channels, 8, 8, generator=gen)
+    captions = [torch.randn(7, cfg.cap_feat_dim, generator=gen), torch.randn(40, cfg.cap_feat_dim, generator=gen)]
+    return latents, torch.tensor([0.3, 0.7]), captions
+
+
+def _linears(model: nn.Module) -> dict[str, type]:
+    return {n: type(m) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_matches_f_linear_and_keeps_the_weight_once(bias: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    linear = nn.Linear(96, 80, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(80, 96, generator=gen))
+    x = torch.randn(2, 33, 96, generator=gen)  # (B, L, in): the token batches the transformer feeds
+    packed = PackedLinear.from_linear(linear)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(packed.weight, linear.weight)
+    assert [n for n, _ in packed.named_parameters()] == (["bias"] if bias else [])  # no dense copy held beside
+    assert packed.packed.is_mkldnn
+    assert packed.state_dict().keys() == linear.state_dict().keys()
+    for key, value in linear.state_dict().items():
+        assert torch.equal(packed.state_dict()[key], value)
+
+
+def test_weight_reads_are_read_only_and_assignment_repacks() -> None:
+    linear = nn.Linear(32, 16)
+    packed = PackedLinear.from_linear(linear)
+    x = torch.randn(4, 32)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="[Ii]nference tensor"):
+        packed.weight.add_(1.0)  # the copy would be lost: refused, not silently ignored
+    packed.weight = linear.weight.detach() * 2
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), nn.functional.linear(x, linear.weight * 2, linear.bias))
+    packed.load_state_dict({"weight": linear.weight.detach() * 3, "bias": linear.bias.detach()})
+    assert torch.equal(packed.weight, linear.weight.detach() * 3)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        packed.load_state_dict({"bias": linear.bias.detach()})
+
+
+def test_gradients_take_the_dense_path() -> None:
+    """oneDNN's packed op has no backward: with grad on, the layer computes F.linear (right gradients)."""
+    linear = nn.Linear(24, 12)
+    packed = PackedLinear.from_linear(linear)
+    x1, x2 = torch.randn(5, 24, requires_grad=True), None
+    x2 = x1.detach().clone().requires_grad_(True)
+    linear(x1).square().sum().backward()
+    packed(x2).square().sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad)
+    torch.testing.assert_close(packed.bias.grad, linear.bias.grad)
+
+
+def test_moving_is_refused_with_the_fix_but_cpu_fp32_is_fine() -> None:
+    packed = PackedLinear.from_linear(nn.Linear(8, 8))
+    packed.to("cpu").float()
+    with pytest.raises(RuntimeError, match="packed_linears"):
+        packed.to(torch.float16)
+
+
+def test_hooks_follow_the_swap_both_ways() -> None:
+    """A hook registered before packing runs on the packed layer, and its handle still removes it after unpacking."""
+    model = nn.Sequential(nn.Linear(16, 16))
+    calls: list[int] = []
+    handle = model[0].register_forward_hook(lambda m, a, o: calls.append(1))
+    transform = PackedLinears(True, min_features=1)
+    transform.apply(_Parts(model))
+    assert isinstance(model[0], PackedLinear)
+    with torch.no_grad():
+        model(torch.randn(2, 16))
+    transform.remove(_Parts(model))
+    assert type(model[0]) is nn.Linear
+    with torch.no_grad():
+        model(torch.randn(2, 16))
+    handle.remove()
+    with torch.no_grad():
+        model(torch.randn(2, 16))
+    assert calls == [1, 1]
+
+
+class _Parts:
+    """A model whose only part is `transformer` (what PackedLinears finds without facts)."""
+
+    def __init__(self, transformer: nn.Module):
+        self.transformer = transformer
+
+
+def test_transform_on_the_transformer_matches_and_removes_bit_equal() -> None:
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    latents, t, captions = _inputs(model)
+    with torch.no_grad():
+        ref = model(latents, t, captions)
+    transform = PackedLinears(True, min_features=32)
+    transform.apply(_Parts(model))
+    packed = [n for n, kind in _linears(model).items() if kind is PackedLinear]
+    assert packed and len(packed) == len(transform.packed)
+    small = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    assert all(min(dict(model.named_modules())[n].in_features, dict(model.named_modules())[n].out_features) < 32 for n in small)
+    with torch.no_grad():
+        out = model(latents, t, captions)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    transform.remove(_Parts(model))
+    assert all(kind is nn.Linear for kind in _linears(model).values()) and not transform.packed
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    with torch.no_grad():
+        assert torch.equal(model(latents, t, captions), ref)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_loras_on_packed_layers_give_the_dense_result(merged: bool) -> None:
+    """Runtime LoRA hooks and merged LoRAs (written by assignment, which packs again) act on packed layers as on
+    dense ones, and detaching restores the packed weights exactly."""
+    dense, packed = tiny_model(), tiny_model()
+    PackedLinears(True, min_features=1).apply(_Parts(packed))
+    latents, t, captions = _inputs(dense)
+    lora = normalize_lora(DIALECTS["diffusers"](random_lora(dense)), linear_shapes(dense))
+    with torch.no_grad():
+        base = packed(latents, t, captions)
+    outs = []
+    for model in (dense, packed):
+        runtime = LoraRuntime(model, [lora], [[0.7]], merged=merged)
+        with torch.no_grad():
+            outs.append(model(latents, t, captions))
+        runtime.detach()
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    assert (outs[1] - base).abs().max() > 1e-3  # the LoRA really acted on the packed model
+    with torch.no_grad():
+        assert torch.equal(packed(latents, t, captions), base)
+
+
+def test_lowvram_packs_on_the_cpu_only() -> None:
+    def transform(device: str) -> PackedLinears:
+        options = load_options({"device": device, "dtype": torch.float32, "quantization": "fp32", "profile": "auto"})
+        return next(t for t in lowvram_transforms(options, {}, _facts()) if isinstance(t, PackedLinears))
+
+    assert transform("cpu").enabled
+    assert not transform("cuda").enabled
+
+
+def test_product_path_image_within_one_level_and_compile_unpacks(
+    monkeypatch: pytest.MonkeyPatch, tiny_flat_layout: dict[str, Path]
+) -> None:
+    """The CPU generation with packed layers (MIN_FEATURES lowered to the tiny model's width) gives the unpacked
+    image within 1/255; set_active(False), what the session does while `compile` is on, leaves no packed layer."""
+    settings = dict(prompt="a red fox", width=64, height=64, num_inference_steps=2, guidance_scale=3.0, seed=5)
+    options = load_options({"device": "cpu", "dtype": torch.float32, "quantization": "fp32", "profile": "auto"})
+    plain = flat_pipeline(tiny_flat_layout)
+    ref = np.asarray(plain.generate(settings).images[0]).astype(np.int16)
+    monkeypatch.setattr(pl, "MIN_FEATURES", 16)
+    pipe = flat_pipeline(tiny_flat_layout)
+    stack = apply_lowvram(pipe, options, {}, _facts())
+    transform = stack.get(PackedLinears.name)
+    assert transform is not None and transform.packed
+    assert all(n.startswith("transformer.") for n in transform.packed)
+    image = np.asarray(pipe.generate(settings).images[0]).astype(np.int16)
+    assert np.abs(image - ref).max() <= 1
+    transform.set_active(pipe, False)
+    assert not any(isinstance(m, PackedLinear) for m in pipe.transformer.modules())
+    transform.set_active(pipe, True)
+    assert any(isinstance(m, PackedLinear) for m in pipe.transformer.modules())
+    stack.clear()
+    assert not any(isinstance(m, PackedLinear) for m in pipe.transformer.modules())
