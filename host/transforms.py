@@ -7,9 +7,9 @@ PyTorch module hooks on its parts. It never replaces a method of the model. Each
 `apply(model)` and `remove(model)`; the stack removes them in reverse order. Weight-changing transforms
 that cannot be undone in place (int8) say so with `reversible = False`: removing them means reloading.
 
-The low-VRAM transforms are built by host/lowvram/__init__.py (`lowvram_transforms`), in this order: int8, prompt
-cache, VAE tiling, black-image guard, heap trim, sequential guidance, offload; LoRAs (host/lora/__init__.py) come last and
-are swapped on the same weights.
+The low-VRAM transforms are built by host/lowvram/__init__.py (`lowvram_transforms`), in this order: int8, packed
+linears, prompt cache, VAE tiling, lean decode, black-image guard, heap trim, sequential guidance, offload; LoRAs
+(host/lora/__init__.py) come last and are swapped on the same weights.
 """
 
 from __future__ import annotations

@@ -219,3 +219,40 @@ def test_one_run_does_everything_and_reports_its_phases(session: Session, tmp_pa
     assert "phase_reporter" not in str(model.hooks.owners())
     assert type(model).generate is model.generate.__func__ and type(model).encode_prompt is model.encode_prompt.__func__
     assert "generate" not in vars(model) and "release" not in vars(model)
+
+
+def test_packed_linears_carry_loras_and_step_aside_for_compile(session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU's packed linears (host/lowvram/packed_linear.py; MIN_FEATURES lowered to the tiny model's width):
+    a task with a LoRA gives the dense layers' image within 1/255, and while a task asks for `compile` the session
+    unpacks (inductor cannot lower oneDNN's packed weights), packing again when compile is off."""
+    import numpy as np
+
+    from host.lowvram import packed_linear
+    from host.lowvram.packed_linear import PackedLinear
+
+    def image(**settings: object) -> np.ndarray:
+        result = session.run(session.prepare({"model_type": "tiny", **settings}))
+        return np.asarray(result.images[0]).astype(np.int16)
+
+    dense = image(activated_loras=["style.safetensors"])
+    session.release()
+    monkeypatch.setattr(packed_linear, "MIN_FEATURES", 16)
+
+    class NoCompile:  # stands in for CompileTransform: this test is about the order, not about compiling
+        name, reversible, last_report = "compile", True, None
+
+        def __init__(self, *args: object, **kwargs: object) -> None: ...
+        def apply(self, model: object) -> None: ...
+        def remove(self, model: object) -> None: ...
+
+    monkeypatch.setattr("host.session.CompileTransform", NoCompile)
+
+    def packed_layers() -> int:
+        return sum(isinstance(m, PackedLinear) for m in session._loaded.model.transformer.modules())
+
+    packed = image(activated_loras=["style.safetensors"])
+    assert packed_layers() > 0 and np.abs(packed - dense).max() <= 1
+    image(activated_loras=["style.safetensors"], compile=True)
+    assert packed_layers() == 0 and session._loaded.transforms.names[-1] == "compile"
+    assert np.abs(image(activated_loras=["style.safetensors"]) - dense).max() <= 1
+    assert packed_layers() > 0 and "compile" not in session._loaded.transforms.names

@@ -202,3 +202,27 @@ def test_product_path_image_within_one_level_and_compile_unpacks(
     assert any(isinstance(m, PackedLinear) for m in pipe.transformer.modules())
     stack.clear()
     assert not any(isinstance(m, PackedLinear) for m in pipe.transformer.modules())
+
+
+def test_file_pages_of_packed_weights_go_back_and_values_stay(tmp_path: Path) -> None:
+    """Weights read from a memory-mapped safetensors file (the loader's fp32 case): after packing, their pages
+    leave the resident size (MADV_DONTNEED), and reading the tensor again gives the file's values. Anonymous
+    memory is never touched (there, dropping pages would zero the values)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from bench.bench_engine import _rss
+    from host.lowvram.packed_linear import FilePages
+
+    values = torch.arange(24 * 2**20 // 4, dtype=torch.float32).reshape(-1, 1024)  # 24 MiB
+    save_file({"w": values}, str(tmp_path / "w.safetensors"))
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt", device="cpu") as f:
+        mapped = f.get_tensor("w")
+    float(mapped.sum())  # page it in
+    before = _rss()
+    dropped = FilePages().drop(mapped)
+    assert dropped > 20 * 2**20
+    assert before - _rss() > 16 * 2**20
+    assert torch.equal(mapped, values)  # read back from the file
+    anonymous = values.clone()
+    assert FilePages().drop(anonymous) == 0 and torch.equal(anonymous, values)
