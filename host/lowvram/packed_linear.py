@@ -2,9 +2,10 @@
 held once, in oneDNN's own blocked layout (`packed_linears`, always on where it applies).
 
 Why: PyTorch runs an fp32 `nn.Linear` on the CPU as an MKL sgemm. oneDNN's fp32 kernels with a weight reordered
-once into their blocked layout are faster on the machines measured here (2-core AMD EPYC, AVX2: 63-68 against
-55-62 GFLOP/s on the mid model's shapes, `bench/bench_packed_linear.py`), and about 75% of a CPU transformer
-forward is these matmuls. It is the layout PyTorch's own inductor gives frozen CPU linears
+once into their blocked layout are faster on the machine measured here (2-core AMD EPYC, AVX2: 63-67 against
+55-64 GFLOP/s on the mid model's shapes, one CFG forward 0.81 of diffusers' time against 0.87 with PyTorch's
+linears; `bench/bench_packed_linear.py`, README "Packed linears"), and about 75% of a CPU transformer forward is
+these matmuls. It is the layout PyTorch's own inductor gives frozen CPU linears
 (`torch.ops.mkldnn._reorder_linear_weight` + `_linear_pointwise`); here it runs eager, with no compile step.
 
 Memory: the packed weight replaces the dense one (same bytes); nothing is held twice. `PackedLinear.weight`
