@@ -77,7 +77,7 @@ def lowvram_transforms(
     profile = offload_mod.resolve_profile(options.get("profile", "auto"), device)
     transforms: list[Transform] = [
         Int8Transform(options.get("quantization") == "int8", device, options.get("dtype"), facts),
-        PackedLinears(str(device) == "cpu", facts),  # fp32 layers only: after int8, which leaves none to pack
+        PackedLinears(str(device).split(":")[0] == "cpu", facts),  # fp32 layers only: after int8, which leaves none to pack
         PromptCacheTransform(file_identity(files.get("text_encoder"))),
         VaeTilingTransform(TilingOptions(mode=options.get("vae_tiling", "auto"))),
         LeanDecode(facts),  # before the offload: mmgp wraps the lean walk like any forward
