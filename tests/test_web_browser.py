@@ -32,7 +32,7 @@ if CHROMIUM is None:
     pytest.skip(WHY, allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 expect = sync_api.expect
-expect.set_options(timeout=20_000)  # 2 CPU cores shared with other test runs: be patient, not flaky
+expect.set_options(timeout=45_000)  # 2 CPU cores shared with other test runs: be patient, not flaky
 
 BROWSER_ARGS = [
     "--no-sandbox",
@@ -47,7 +47,7 @@ STABLE_IDS = (
 ).split()
 SCREENSHOT = REPO_ROOT / "docs" / "screenshot.png"
 START_TIMEOUT_S = 90
-RUN_TIMEOUT_MS = 60_000
+RUN_TIMEOUT_MS = 150_000  # a full run on a 2-core machine 3-4x slower than usual (measured 2026-12-02) still fits
 
 
 @dataclass
@@ -301,7 +301,7 @@ def test_abort_stops_a_long_run_and_the_app_stays_usable(page: object, server: S
     )
     expect(page.locator("#preview img")).to_have_count(1)  # the live preview of the latents
     page.click("#abort")
-    status = wait_status(page, "aborted", timeout_ms=15_000)
+    status = wait_status(page, "aborted", timeout_ms=45_000)
     step = int(status.split("aborted at step ")[1].split("/")[0])
     assert step < 1000 and not saved(server, 33)
     set_field(page, "steps", "2")
