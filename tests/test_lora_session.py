@@ -221,6 +221,7 @@ def test_one_run_does_everything_and_reports_its_phases(session: Session, tmp_pa
     assert "generate" not in vars(model) and "release" not in vars(model)
 
 
+@pytest.mark.isolated  # runs oneDNN's packed matmul (native code): a crash fails this test only
 def test_packed_linears_carry_loras_and_step_aside_for_compile(session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
     """The CPU's packed linears (host/lowvram/packed_linear.py; MIN_FEATURES lowered to the tiny model's width):
     a task with a LoRA gives the dense layers' image within 1/255, and while a task asks for `compile` the session

@@ -24,11 +24,14 @@ from host.lowvram.packed_linear import PackedLinear, PackedLinears, onednn_works
 from models.z_image.lora_z_image import normalize_lora
 from tests.fixtures.pipelines import flat_pipeline
 
+# Each test in its own process: oneDNN's packed matmul is native code that has not run on every CPU this suite
+# meets, and a crash there must fail these tests, not kill the whole run.
+pytestmark = pytest.mark.isolated
+
 
 @pytest.fixture(autouse=True)
 def _needs_onednn() -> None:
-    """Checked when a test runs, not at collection. Not isolated: fp32 oneDNN is the library every CPU conv2d of
-    the VAE tests already runs in-process (the crashes seen were int8 and bf16 kernels)."""
+    """Checked when a test runs (in its child process), not at collection."""
     if not onednn_works():
         pytest.skip("this PyTorch build has no working oneDNN")
 
