@@ -54,13 +54,19 @@ STEADY_MMAP_THRESHOLD = 32 << 20  # after it: glibc's DEFAULT_MMAP_THRESHOLD_MAX
 
 
 @functools.cache
+def _libc_function(name: str) -> Any:
+    """A function of the C library (glibc's `malloc_trim`, `mallopt`), or None where the C library lacks it."""
+    lib = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(lib), name) if lib else None
+    except (OSError, AttributeError):
+        return None
+
+
+@functools.cache
 def malloc_trim() -> Callable[[], None] | None:
     """glibc's `malloc_trim(0)` as a function, or None where the C library has none."""
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        trim = None
+    trim = _libc_function("malloc_trim")
     if trim is None:
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
@@ -71,23 +77,14 @@ def malloc_trim() -> Callable[[], None] | None:
     return trim_all
 
 
-@functools.cache
-def _mallopt() -> Callable[[int, int], int] | None:
-    name = ctypes.util.find_library("c")
-    try:
-        fn = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):
-        return None
-    if fn is not None:
-        fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return fn
-
-
 def set_mmap_threshold(size: int) -> bool:
     """Fix glibc's mmap threshold at `size` bytes (blocks of that size or more get a mapping of their own, unmapped
     when freed); False where there is no glibc or it refuses the value."""
-    fn = _mallopt() if malloc_trim() is not None else None
-    return bool(fn is not None and fn(M_MMAP_THRESHOLD, size) == 1)
+    mallopt = _libc_function("mallopt") if malloc_trim() is not None else None  # glibc's, not another libc's
+    if mallopt is None:
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(M_MMAP_THRESHOLD, size) == 1
 
 
 _worker: concurrent.futures.ThreadPoolExecutor | None = None
