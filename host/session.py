@@ -28,7 +28,6 @@ from host.hashes import HashCache
 from host.lora import LoraReport, LoraTransform
 from host.lora.task import LoraChoice, expand_lset, lora_folders, task_loras
 from host.lowvram.offload import uses_mmgp
-from host.lowvram.packed_linear import PackedLinears
 from host.outputs import check_output_folder, output_name, remove_stale_temp_files, save_image
 from host.presets import DEFAULTS_DIR, FINETUNES_DIR, Preset, PresetCatalog, load_presets
 from host.registry import DEFAULT_MODELS_ROOT, REPO_ROOT, FamilyHandler, LoadedModel, Registry, discover
@@ -290,9 +289,6 @@ class Session:
         stack, compiling = self._loaded.transforms, bool(task.settings.get("compile"))
         if not compiling:
             stack.pop(CompileTransform.name)
-        packed = stack.get(PackedLinears.name)
-        if packed is not None:  # inductor cannot lower oneDNN's packed weights: compiled blocks take dense layers
-            packed.set_active(stack.model, not compiling)
         if compiling and stack.get(CompileTransform.name) is None:
             stack.push(CompileTransform(task.preset.facts, compile_blocks=not self._mmgp_compiles(task)))
 

@@ -222,10 +222,10 @@ def test_one_run_does_everything_and_reports_its_phases(session: Session, tmp_pa
 
 
 @pytest.mark.isolated  # runs oneDNN's packed matmul (native code): a crash fails this test only
-def test_packed_linears_carry_loras_and_step_aside_for_compile(session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_packed_linears_carry_loras_and_stay_under_compile(session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
     """The CPU's packed linears (host/lowvram/packed_linear.py; MIN_FEATURES lowered to the tiny model's width):
-    a task with a LoRA gives the dense layers' image within 1/255, and while a task asks for `compile` the session
-    unpacks (inductor cannot lower oneDNN's packed weights), packing again when compile is off."""
+    a task with a LoRA gives the dense layers' image within 1/255, and a task asking for `compile` keeps them
+    packed (compiled code reaches them through the `wgp::packed_linear` op), the compile transform outermost."""
     import numpy as np
 
     from host.lowvram import packed_linear
@@ -253,7 +253,8 @@ def test_packed_linears_carry_loras_and_step_aside_for_compile(session: Session,
 
     packed = image(activated_loras=["style.safetensors"])
     assert packed_layers() > 0 and np.abs(packed - dense).max() <= 1
+    before = packed_layers()
     image(activated_loras=["style.safetensors"], compile=True)
-    assert packed_layers() == 0 and session._loaded.transforms.names[-1] == "compile"
+    assert packed_layers() == before and session._loaded.transforms.names[-1] == "compile"
     assert np.abs(image(activated_loras=["style.safetensors"]) - dense).max() <= 1
-    assert packed_layers() > 0 and "compile" not in session._loaded.transforms.names
+    assert packed_layers() == before and "compile" not in session._loaded.transforms.names
