@@ -9,8 +9,15 @@ The backend is chosen once (by the host, from the preset's rules and the user's 
 - `auto`: the best one installed and supported here (flash, then sage2, then sage, else sdpa).
 
 A backend that is missing, unsupported by the GPU or unable to run a given call (CPU tensors, fp32,
-a key mask) falls back to SDPA with one warning per reason: never a crash. Optional packages are
-imported the first time a backend is asked for.
+a key mask that is not trailing padding) falls back to SDPA with one warning per reason: never a crash.
+Optional packages are imported the first time a backend is asked for.
+
+The optional kernels take no mask. The one mask the models make pads a batch whose rows differ in
+length (a CFG batch whose prompts have different token counts: every Base generation with a negative
+prompt shorter than the prompt), each row real up to its length, padding after. Such a call runs the
+kernel once per row on that row's real tokens, so CFG batches keep the chosen kernel instead of falling
+back to SDPA (with a mask, PyTorch's CUDA SDPA cannot use its flash kernel either); query rows past a
+row's length come back as zeros (padding, which no caller reads).
 """
 
 from __future__ import annotations
@@ -152,23 +159,44 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     if _KERNEL is None:
         return sdpa(q, k, v, key_mask)
     reason = kernel_skip_reason(q, key_mask)
+    lengths = None
+    if reason is None and key_mask is not None:
+        lengths = row_lengths(key_mask)
+        if lengths is None:
+            reason = "takes no key mask other than padding at the end of each row"
     if reason is not None:
         _warn_once(f"skip:{_BACKEND}:{reason}", f"{_BACKEND} attention {reason}; those calls use sdpa")
         return sdpa(q, k, v, key_mask)
     try:
-        return _KERNEL(q, k, v)
+        return _KERNEL(q, k, v) if lengths is None else per_row(_KERNEL, q, k, v, lengths)
     except KERNEL_FAILURES as exc:
-        return _fall_back_after_failure(exc, q, k, v)
+        return _fall_back_after_failure(exc, q, k, v, key_mask)
 
 
 def kernel_skip_reason(q: torch.Tensor, key_mask: torch.Tensor | None) -> str | None:
-    """Why the optional kernel cannot take this call (None: it can)."""
-    if key_mask is not None:
-        # Masks only pad a CFG batch whose prompts differ in length; the optional kernels take no mask.
-        return "takes no key mask"
+    """Why the optional kernel cannot take this call (None: it can; a mask is checked by `row_lengths`)."""
     if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
         return f"needs fp16/bf16 CUDA tensors, got {q.dtype} on {q.device}"
     return None
+
+
+def row_lengths(key_mask: torch.Tensor) -> list[int] | None:
+    """Each row's length when `key_mask` (B, L) is True up to it and False after (padding at the end), else None.
+    One small read back from the GPU per call."""
+    lengths = key_mask.sum(dim=1)
+    prefix = torch.arange(key_mask.shape[1], device=key_mask.device)[None] < lengths[:, None]
+    if not torch.equal(prefix, key_mask.bool()):
+        return None
+    return lengths.tolist()
+
+
+def per_row(kernel: AttentionFn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """A mask-free kernel on each row's first `lengths[i]` tokens of (B, L, H, D) q, k, v; rows are zero past
+    their length."""
+    out = torch.zeros_like(q) if min(lengths) < q.shape[1] else torch.empty_like(q)
+    for i, n in enumerate(lengths):
+        out[i : i + 1, :n] = kernel(q[i : i + 1, :n], k[i : i + 1, :n], v[i : i + 1, :n])
+    return out
 
 
 # What an optional kernel raises at run time when it cannot run here after all (an import that worked,
@@ -176,7 +204,9 @@ def kernel_skip_reason(q: torch.Tensor, key_mask: torch.Tensor | None) -> str | 
 KERNEL_FAILURES = (RuntimeError, TypeError, ValueError, AssertionError, NotImplementedError)
 
 
-def _fall_back_after_failure(exc: Exception, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _fall_back_after_failure(
+    exc: Exception, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
+) -> torch.Tensor:
     """Switch to SDPA for the rest of the run (one warning) and answer this call with it."""
     global _BACKEND, _KERNEL
     failed = _BACKEND
@@ -186,4 +216,4 @@ def _fall_back_after_failure(exc: Exception, q: torch.Tensor, k: torch.Tensor, v
         f"{failed} attention failed at run time ({type(exc).__name__}: {exc}); using sdpa from now on "
         f"(choose it directly with --attention sdpa)",
     )
-    return sdpa(q, k, v)
+    return sdpa(q, k, v, key_mask)

@@ -203,6 +203,68 @@ def test_optional_kernel_skips_calls_it_cannot_run(monkeypatch: pytest.MonkeyPat
     assert torch.equal(attn.attention(q, q, q), attn.sdpa(q, q, q)) and not used
 
 
+def test_optional_kernel_runs_per_row_on_a_padded_batch(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A CFG batch whose prompts differ in length carries a padding mask; a mask-free kernel then runs once per
+    row on that row's real tokens: the real rows equal masked SDPA, padded query rows are zeros. A mask that is
+    not padding at the end of the rows goes to SDPA with one warning; a kernel failing on a masked call is
+    answered by masked SDPA. (The kernel here is SDPA without a mask: the real kernels need a CUDA GPU.)"""
+    calls: list[tuple[int, ...]] = []
+
+    def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(q.shape))
+        return attn.sdpa(q, k, v)
+
+    monkeypatch.setattr(attn, "_BACKEND", "sage2")
+    monkeypatch.setattr(attn, "_KERNEL", kernel)
+    monkeypatch.setattr(attn, "kernel_skip_reason", lambda q, key_mask: None)  # as if on a CUDA GPU
+    attn._WARNED.clear()
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 12, 3, 8, generator=gen) for _ in range(3))
+    mask = torch.arange(12)[None] < torch.tensor([12, 7])[:, None]
+    out = attn.attention(q, k, v, mask)
+    ref = attn.sdpa(q, k, v, mask)
+    assert calls == [(1, 12, 3, 8), (1, 7, 3, 8)]
+    torch.testing.assert_close(out[0], ref[0])
+    torch.testing.assert_close(out[1, :7], ref[1, :7])
+    assert torch.count_nonzero(out[1, 7:]) == 0
+
+    holes = mask.clone()
+    holes[0, 3] = False  # a hole, not padding at the end
+    calls.clear()
+    with caplog.at_level(logging.WARNING, logger="common.attention"):
+        assert torch.equal(attn.attention(q, k, v, holes), attn.sdpa(q, k, v, holes))
+        attn.attention(q, k, v, holes)
+    assert not calls and sum("padding at the end" in r.getMessage() for r in caplog.records) == 1
+
+    def broken(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(attn, "_KERNEL", broken)
+    assert torch.equal(attn.attention(q, k, v, mask), ref) and attn.get_attention_backend() == "sdpa"
+
+
+def test_cfg_batch_of_unequal_prompts_through_the_per_row_kernel_matches_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny transformer on a CFG batch whose captions pad to 32 and 64 tokens: through a mask-free kernel
+    run per row, its output equals the masked-SDPA forward's (the zero rows of the shorter caption's padding
+    reach nothing the output reads)."""
+    from lora_fixtures import tiny_model
+
+    model = tiny_model().eval()
+    gen = torch.Generator().manual_seed(1)
+    latents = torch.randn(1, 16, 8, 8, generator=gen).repeat(2, 1, 1, 1)
+    captions = [torch.randn(40, model.config.cap_feat_dim, generator=gen), torch.randn(7, model.config.cap_feat_dim, generator=gen)]
+    t = torch.tensor([0.4, 0.4])
+    with torch.no_grad():
+        ref = model(latents, t, captions)
+        rows: list[int] = []
+        monkeypatch.setattr(attn, "_BACKEND", "flash")
+        monkeypatch.setattr(attn, "_KERNEL", lambda q, k, v: rows.append(q.shape[1]) or attn.sdpa(q, k, v))
+        monkeypatch.setattr(attn, "kernel_skip_reason", lambda q, key_mask: None)
+        out = model(latents, t, captions)
+    assert 32 + 32 in rows and 32 + 64 in rows  # the shorter row ran on its own length
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 # -- offload, mmgp import --------------------------------------------------------------------------
 
 
