@@ -11,6 +11,11 @@ reference of bench/rates.py, shared with bench_transformer.py).
     .venv/bin/python bench/bench_engine.py                   # CPU, fp32, mid config
     .venv/bin/python bench/bench_engine.py --threads 1 --no-fraction   # steadier CPU seconds on a busy machine
     .venv/bin/python bench/bench_engine.py --fraction-only   # only the matmul-rate fraction (1-2 minutes)
+    .venv/bin/python bench/bench_engine.py --compile         # also time "ours" with --compile (host/compile.py)
+
+With --compile the timing process also runs "ours-compile": our pipeline with the `compile` transform over the same
+CPU transforms. Its first generation compiles (the seconds are printed apart, not counted in its time), then it
+alternates with the others; the memory rows stay the three implementations above.
 
 CPU and fp32 only. The full-size 6B check on a CUDA GPU is bench/bench_transformer.py (one transformer step,
 ours vs diffusers on the same tensors).
@@ -71,6 +76,14 @@ def load_impl(impl: str, folder: Path):
     """Load one implementation from the mid folder: (pipeline, a function that generates the image)."""
     import torch
 
+    if impl == "ours-compile":
+        from host.compile import CompileTransform
+        from models.z_image.facts_z_image import FACTS
+
+        pipe, generate = load_impl("ours", folder)
+        generate.compile = CompileTransform(FACTS)  # its last_report gives the compile seconds
+        generate.compile.apply(pipe)
+        return pipe, generate
     if impl.startswith("ours"):
         from host.lowvram import apply_lowvram
         from models.z_image.facts_z_image import FACTS
@@ -134,7 +147,7 @@ def run_child(impl: str, folder: Path, out: Path, threads: int | None = None) ->
                                "rss_before": rss_before, "working": peak - rss_before, "rss_after": _rss()}))
 
 
-def time_together(folder: Path, rounds: int, threads: int | None, out: Path) -> None:
+def time_together(folder: Path, rounds: int, threads: int | None, out: Path, compile_too: bool = False) -> None:
     """Generation time of diffusers and ours in one process, alternated round by round (ABBA...), so that both
     see the same machine; each timed generation starts with an empty prompt cache and writes its PNG.
     Writes {impl: [(wall s, CPU s), ...]}."""
@@ -146,11 +159,15 @@ def time_together(folder: Path, rounds: int, threads: int | None, out: Path) -> 
 
     if threads:
         torch.set_num_threads(threads)
-    impls = IMPLS
+    impls = (*IMPLS, "ours-compile") if compile_too else IMPLS
     generators = {impl: load_impl(impl, folder)[1] for impl in impls}
     times: dict[str, list[tuple[float, float]]] = {impl: [] for impl in impls}
-    for impl in impls:  # warm-up: weights paged in, kernels chosen
+    extra: dict[str, float] = {}
+    for impl in impls:  # warm-up: weights paged in, kernels chosen (and, for ours-compile, the blocks compiled)
         generators[impl]()
+        if impl == "ours-compile":
+            report = generators[impl].compile.last_report
+            extra["compile_s"] = report.compile_s if report is not None and report.used else None
     for round_ in range(rounds):
         for impl in impls if round_ % 2 == 0 else impls[::-1]:
             shared_cache().clear()  # ours-lowram then loads its text encoder for the prompt, as a new prompt would
@@ -158,7 +175,14 @@ def time_together(folder: Path, rounds: int, threads: int | None, out: Path) -> 
             generators[impl]().save(out.with_suffix(f".{impl}.png"))
             wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
             times[impl].append((wall, after.ru_utime - usage.ru_utime + after.ru_stime - usage.ru_stime))
-    out.write_text(json.dumps(times))
+    if compile_too:
+        import numpy as np
+        from PIL import Image
+
+        pixels = {impl: np.asarray(Image.open(out.with_suffix(f".{impl}.png"))).astype(int) for impl in ("diffusers", "ours-compile")}
+        extra["compile_max_diff"] = int(np.abs(pixels["ours-compile"] - pixels["diffusers"]).max())
+    out.write_text(json.dumps({"times": times, **extra}))
+
 
 
 def _page_in(pipe) -> None:
@@ -221,13 +245,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads in each run (default: torch's own choice)")
     parser.add_argument("--fraction-only", action="store_true", help="only the forward's share of the matmul rate")
     parser.add_argument("--no-fraction", action="store_true", help="skip the forward's share of the matmul rate")
+    parser.add_argument("--compile", action="store_true", help="also time ours with --compile (compile seconds apart)")
     args = parser.parse_args()
     threads = ["--threads", str(args.threads)] if args.threads else []
     if args.child:
         run_child(args.child[0], Path(args.child[1]), Path(args.child[2]), args.threads)
         return
     if args.timing_child:
-        time_together(Path(args.timing_child[0]), args.rounds, args.threads, Path(args.timing_child[1]))
+        time_together(Path(args.timing_child[0]), args.rounds, args.threads, Path(args.timing_child[1]), args.compile)
         return
     if args.fraction_only:
         with tempfile.TemporaryDirectory() as tmp:
@@ -251,7 +276,7 @@ def main() -> None:
                 load.append(os.getloadavg()[0])
         out = Path(tmp) / "timing.json"  # time: all of them in one process, alternated
         subprocess.run([sys.executable, __file__, "--timing-child", str(folder), str(out), "--rounds", str(args.rounds),
-                        *threads], check=True)
+                        *threads, *(["--compile"] if args.compile else [])], check=True)
         timing = json.loads(out.read_text())
         load.append(os.getloadavg()[0])
         frac = None if args.no_fraction else forward_fraction(folder)
@@ -281,7 +306,8 @@ def print_table(runs: dict[str, list[dict]], timing: dict[str, list], args: argp
           "encoder loaded for each new prompt only (the host's CPU default)")
     print("| | diffusers | ours | ratio | ours-lowram | ratio |\n|---|---|---|---|---|---|")
     median = {impl: {key: statistics.median(r[key] for r in rs) for key, _, _ in ROWS} for impl, rs in runs.items()}
-    for impl, pairs in timing.items():
+    for impl, pairs in timing["times"].items():
+        median.setdefault(impl, {})
         median[impl]["wall_s"] = statistics.median(w for w, _ in pairs)
         median[impl]["cpu_s"] = statistics.median(c for _, c in pairs)
     ref = median["diffusers"]
@@ -291,6 +317,13 @@ def print_table(runs: dict[str, list[dict]], timing: dict[str, list], args: argp
         for impl in ("ours", "ours-lowram"):
             cells += [f"{median[impl][key] * scale:.2f}", f"{median[impl][key] / ref[key]:.3f}"]
         print(f"| {label} | " + " | ".join(cells) + " |")
+    if "ours-compile" in median:
+        compiled = median["ours-compile"]
+        compile_s = timing["compile_s"]
+        print(f"ours --compile: generate + PNG, wall {compiled['wall_s']:.2f} s ({compiled['wall_s'] / ref['wall_s']:.3f} of "
+              f"diffusers), CPU {compiled['cpu_s']:.2f} s ({compiled['cpu_s'] / ref['cpu_s']:.3f}); compile "
+              + (f"{compile_s:.1f} s in its first generation, not counted" if compile_s is not None else "not used (eager)")
+              + f"; max pixel difference vs diffusers {timing['compile_max_diff']}/255")
     for impl in ("ours", "ours-lowram"):
         diff = max(int(np.abs(r["image"].astype(int) - d["image"].astype(int)).max())
                    for r, d in zip(runs[impl], runs["diffusers"], strict=True))
