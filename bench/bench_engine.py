@@ -150,7 +150,8 @@ def run_child(impl: str, folder: Path, out: Path, threads: int | None = None) ->
 def time_together(folder: Path, rounds: int, threads: int | None, out: Path, compile_too: bool = False) -> None:
     """Generation time of diffusers and ours in one process, alternated round by round (ABBA...), so that both
     see the same machine; each timed generation starts with an empty prompt cache and writes its PNG.
-    Writes {impl: [(wall s, CPU s), ...]}."""
+    Writes {"times": {impl: [(wall s, CPU s), ...]}}, with compile_too also ours-compile's times, its
+    "compile_s" (None when it ran eager) and "compile_max_diff" (its last image against diffusers', in 1/255)."""
     import resource
 
     import torch
@@ -182,7 +183,6 @@ def time_together(folder: Path, rounds: int, threads: int | None, out: Path, com
         pixels = {impl: np.asarray(Image.open(out.with_suffix(f".{impl}.png"))).astype(int) for impl in ("diffusers", "ours-compile")}
         extra["compile_max_diff"] = int(np.abs(pixels["ours-compile"] - pixels["diffusers"]).max())
     out.write_text(json.dumps({"times": times, **extra}))
-
 
 
 def _page_in(pipe) -> None:
