@@ -9,7 +9,8 @@ with random bf16 weights on the GPU and appends its rows (JSON lines) to `--resu
     python bench/gpu_check_speed.py attention --results R     # (e) every attention backend the host offers
     python bench/gpu_check_speed.py vae --results R           # (f) the Flux VAE decode, stock vs the lean walk
 
-One step is one forward of the guidance batch: 2 rows (CFG: one image, two different 512-token captions),
+One step is one forward of the guidance batch: 2 rows (CFG: one image, two different 512-token captions; in (e) the
+second is 128 tokens),
 1024x1024 (4096 image tokens), t = 0.5, bf16. s/step is the best of `--reps` rounds after a warm-up.
 The floor is 2 x transformer_flops(batch 1) (bench/bench_engine.py: the multiply-adds x 2 of the blocks'
 Linears, q k v out w1 w2 w3, and of attention's two products, over the 30 layers on image + caption tokens,
@@ -119,12 +120,15 @@ def build_pair(shape: Shape) -> tuple[torch.nn.Module, torch.nn.Module]:
     return ours.eval(), ref
 
 
-def cfg_inputs(shape: Shape, cap_dim: int) -> SimpleNamespace:
-    """The guidance batch: one latent twice, t = 0.5 twice, two different captions of `shape.caption` tokens."""
+def cfg_inputs(shape: Shape, cap_dim: int, negative: int | None = None) -> SimpleNamespace:
+    """The guidance batch: one latent twice, t = 0.5 twice, two different captions of `shape.caption` tokens
+    (`negative`: the second caption's length instead, a shorter negative prompt: the batch is then padded and
+    masked, as in most Base generations)."""
     gen = torch.Generator("cpu").manual_seed(1)
     side = shape.size // 8
     x = torch.randn(1, 16, side, side, generator=gen).to(shape.device, shape.dtype).repeat(2, 1, 1, 1)
-    caps = [torch.randn(shape.caption, cap_dim, generator=gen).to(shape.device, shape.dtype) for _ in range(2)]
+    lengths = (shape.caption, shape.caption if negative is None else negative)
+    caps = [torch.randn(n, cap_dim, generator=gen).to(shape.device, shape.dtype) for n in lengths]
     return SimpleNamespace(x=x, t=torch.full((2,), 0.5, device=shape.device), caps=caps)
 
 
@@ -314,13 +318,15 @@ class _Warnings(logging.Handler):
 def stage_attention(shape: Shape) -> list[dict[str, Any]]:
     """(e) one row per backend of the host setting: s/step where it runs, why not otherwise. The backend is
     chosen as the session chooses it (common.attention.set_attention_backend), rounds alternate between the
-    usable ones; each output is compared with sdpa's."""
+    usable ones; each output is compared with sdpa's. The negative caption is a quarter of the caption's length
+    (128 of 512 tokens), as in a Base generation: the batch carries a padding mask, which the mask-free kernels
+    take row by row (common/attention.py)."""
     from common import attention as attn
 
     warnings = _Warnings()
     logging.getLogger(attn.__name__).addHandler(warnings)
     model = build_ours(shape)
-    step = ours_step(model, cfg_inputs(shape, model.config.cap_feat_dim))
+    step = ours_step(model, cfg_inputs(shape, model.config.cap_feat_dim, negative=max(1, shape.caption // 4)))
     rows: dict[str, dict[str, Any]] = {}
     usable: list[str] = []
     for name in BACKENDS:
