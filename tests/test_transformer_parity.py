@@ -11,7 +11,7 @@ from diffusers import ZImageTransformer2DModel
 
 from host.lowvram import planner
 from models.z_image.loading_z_image import CONFIG_DIR
-from models.z_image.transformer_z_image import ZImageConfig, ZImageTransformer
+from models.z_image.transformer_z_image import ZImageConfig, ZImageTransformer, rope_angles
 from models.z_image.z_image_handler import family_handler
 
 TINY = dict(dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=(8, 12, 12))
@@ -59,13 +59,24 @@ def test_forward_matches_diffusers_fp32(size: tuple[int, int], cap_lens: list[in
     assert _rel(got, expected) < 1e-5
 
 
-@pytest.mark.parametrize("cap_lens", [[9, 20], [9, 40]])  # same padded length (32): shared refiner; 32 vs 64: not
-def test_guidance_batch_matches_diffusers_and_shares_the_noise_refiner(cap_lens: list[int]) -> None:
+@pytest.mark.parametrize(
+    ("size", "cap_lens", "refiner_rows"),
+    [
+        ((16, 16), [9, 20], 1),  # captions of the same padded length (32): the halves get the same positions
+        ((16, 16), [9, 40], 1),  # 32 vs 64: the image tokens' first RoPE axis differs by a constant per row
+        ((12, 20), [9, 40], 2),  # 60 image tokens + 4 pad tokens at position 0: the offset no longer cancels
+        ((12, 20), [9, 20], 1),
+    ],
+)
+def test_guidance_batch_matches_diffusers_and_shares_the_noise_refiner(
+    size: tuple[int, int], cap_lens: list[int], refiner_rows: int
+) -> None:
     """A CFG batch (one image and time, two captions): the noise refiner, which never sees the captions, runs on
-    one row when the two halves also get the same positions, and the output still matches diffusers'."""
+    one row unless the two halves' image tokens see different relative positions, and the output still matches
+    diffusers', which refines both rows with their own positions."""
     ref, ours = _pair()
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(1, 16, 16, 16, generator=gen).repeat(2, 1, 1, 1)
+    x = torch.randn(1, 16, *size, generator=gen).repeat(2, 1, 1, 1)
     t = torch.rand(1, generator=gen).repeat(2)
     caps = [torch.randn(n, 32, generator=gen) for n in cap_lens]
     rows: list[int] = []
@@ -73,8 +84,30 @@ def test_guidance_batch_matches_diffusers_and_shares_the_noise_refiner(cap_lens:
     with torch.no_grad():
         expected = _ref_forward(ref, x, t, caps)
         got = ours(x, t, caps)
-    assert rows == ([1] if cap_lens == [9, 20] else [2])
+    assert rows == [refiner_rows]
     assert _rel(got, expected) < 1e-5
+
+
+def test_the_caption_length_offset_cancels_in_the_noise_refiner_only_without_image_pads() -> None:
+    """Why the rows are shared: refining one image with the positions a 32- and a 64-token caption give it yields
+    the same tokens (float rounding apart) when every image token is real, and different ones when pad tokens
+    (at position 0) are in the row."""
+    _, ours = _pair()
+    gen = torch.Generator().manual_seed(5)
+    c = ours.t_embedder(torch.rand(1, generator=gen) * ours.config.t_scale)
+
+    def refined(size: tuple[int, int], cap_len: int) -> torch.Tensor:
+        x = torch.randn(1, 16, *size, generator=torch.Generator().manual_seed(6))
+        img, n_img = ours.embed_image(x)
+        img_pos, _ = ours.positions([cap_len], n_img, img.shape[1], size[1] // 2, cap_len, x.device)
+        rope = rope_angles(img_pos, ours.config.axes_dims, ours.config.rope_theta)
+        for block in ours.noise_refiner:
+            img = block(img, rope, None, c)
+        return img
+
+    with torch.no_grad():
+        assert _rel(refined((16, 16), 32), refined((16, 16), 64)) < 1e-6
+        assert _rel(refined((12, 20), 32), refined((12, 20), 64)) > 1e-3
 
 
 def test_real_config_defaults() -> None:

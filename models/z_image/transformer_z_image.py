@@ -407,11 +407,17 @@ class ZImageTransformer(nn.Module):
         img_rope = rope_angles(img_pos, cfg.axes_dims, cfg.rope_theta)
         cap_rope = tuple(a.expand(B, -1, -1) for a in rope_angles(cap_pos, cfg.axes_dims, cfg.rope_theta))
 
-        rows = B // 2 if same_halves(latents, t, t_target, img_pos) else B  # CFG / NAG: one image, two captions
+        # CFG / NAG: one image, two captions. The noise refiner never sees the captions, and the caption length
+        # enters its image tokens only as their position on the first RoPE axis (Lc_i + 1, one value per row;
+        # `positions`). Attention scores depend on position differences alone, so that constant offset cancels
+        # and both halves refine to the same tokens (within float rounding): unless image pad tokens, which sit
+        # at position 0, give the row a second position on that axis.
+        shared = same_halves(latents, t, t_target) and (n_img == img.shape[1] or same_halves(img_pos))
+        rows = B // 2 if shared else B
         img, refiner_rope = img[:rows], tuple(a[:rows] for a in img_rope)
         for block in self.noise_refiner:  # image tokens only, all of equal length: no mask
             img = block(img, refiner_rope, None, c[:rows])
-        if rows < B:  # the noise refiner never sees the captions: both halves are the same rows, computed once
+        if rows < B:  # both halves are the same rows, computed once
             img = img.repeat(2, 1, 1)
         for block in self.context_refiner:  # caption tokens only, unmodulated
             cap = block(cap, cap_rope, cap_mask)
