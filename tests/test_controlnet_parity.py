@@ -17,6 +17,7 @@ from PIL import Image
 import wgp
 from common.errors import SettingsError
 from host.session import HostConfig
+from models.z_image.controlnet_z_image import ZImageControlNet
 from models.z_image.tiny_z_image import build_tiny_components
 from tests.fixtures.controlnets import (
     CONTROL_TRANSFORMER,
@@ -108,11 +109,21 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_same_image_as_diffusers(config: HostConfig, parts: Any, case: str) -> None:
+def test_same_image_as_diffusers(config: HostConfig, parts: Any, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     model_type, s = CASES[case]
     version = PRESETS[model_type][0]
     model = wgp.load_model(model_type, config=config)
+    rows: list[int] = []
+    refine = ZImageControlNet.refine
+
+    def counted(self: ZImageControlNet, backbone: Any, img: Any, *args: Any) -> Any:
+        rows.append(img.shape[0])
+        return refine(self, backbone, img, *args)
+
+    monkeypatch.setattr(ZImageControlNet, "refine", counted)
     got = np.stack([np.asarray(im) for im in model.generate(**s)]).astype(np.float32)
+    # the ControlNet's refiner stage reads only image and control tokens: one row per image, guidance or not
+    assert rows and set(rows) == {s.get("batch_size", 1)}
     expected = reference(parts, version, s)
     assert got.shape == expected.shape
     assert np.abs(got - expected).max() <= 1.0  # within 1/255 per pixel

@@ -250,7 +250,10 @@ class ZImageControlNet(nn.Module):
         img_rope = rope_angles(img_pos, cfg.axes_dims, cfg.rope_theta)
         cap_rope = tuple(a.expand(B, -1, -1) for a in rope_angles(cap_pos, cfg.axes_dims, cfg.rope_theta))
 
-        img, ctrl = self.refine(backbone, img, ctrl, img_rope, c, scale)
+        rows = backbone.refiner_rows(img_pos, n_img, latents, t, control)  # CFG: one image and control, twice
+        img, ctrl = self.refine(backbone, img[:rows], ctrl[:rows], tuple(a[:rows] for a in img_rope), c[:rows], scale)
+        if rows < B:
+            img, ctrl = img.repeat(2, 1, 1), ctrl.repeat(2, 1, 1)
         for block in backbone.context_refiner:
             cap = block(cap, cap_rope, cap_mask)
 

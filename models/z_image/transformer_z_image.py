@@ -407,13 +407,7 @@ class ZImageTransformer(nn.Module):
         img_rope = rope_angles(img_pos, cfg.axes_dims, cfg.rope_theta)
         cap_rope = tuple(a.expand(B, -1, -1) for a in rope_angles(cap_pos, cfg.axes_dims, cfg.rope_theta))
 
-        # CFG / NAG: one image, two captions. The noise refiner never sees the captions, and the caption length
-        # enters its image tokens only as their position on the first RoPE axis (Lc_i + 1, one value per row;
-        # `positions`). Attention scores depend on position differences alone, so that constant offset cancels
-        # and both halves refine to the same tokens (within float rounding): unless image pad tokens, which sit
-        # at position 0, give the row a second position on that axis.
-        shared = same_halves(latents, t, t_target) and (n_img == img.shape[1] or same_halves(img_pos))
-        rows = B // 2 if shared else B
+        rows = self.refiner_rows(img_pos, n_img, latents, t, t_target)  # CFG / NAG: one image, two captions
         img, refiner_rope = img[:rows], tuple(a[:rows] for a in img_rope)
         for block in self.noise_refiner:  # image tokens only, all of equal length: no mask
             img = block(img, refiner_rope, None, c[:rows])
@@ -439,6 +433,22 @@ class ZImageTransformer(nn.Module):
 
         out = self.all_final_layer[cfg.patch_key](x[:, :n_img], c)  # only real image tokens are kept
         return self.unpatchify(out, H, W)
+
+    @staticmethod
+    def refiner_rows(img_pos: torch.Tensor, n_img: int, *inputs: torch.Tensor | None) -> int:
+        """How many rows of the batch the noise refiner (and anything else that reads only the image tokens) must
+        run: B // 2 when the batch is one image twice, [a ; a] in every one of `inputs` (latents, t, ... ; None
+        ignored), as CFG and NAG make it, else B.
+
+        The image tokens never see the captions there, and a caption's length enters them only as their position on
+        the first RoPE axis (Lc_i + 1, one value per row; `positions`). Attention scores depend on position
+        differences alone, so that per-row constant cancels and both halves refine to the same tokens, float rounding
+        apart; unless image pad tokens, which sit at position 0, give the row a second position on that axis.
+        img_pos: (B, Np, 3) from `positions`; n_img: the real image tokens."""
+        B = img_pos.shape[0]
+        if same_halves(*inputs) and (n_img == img_pos.shape[1] or same_halves(img_pos)):
+            return B // 2
+        return B
 
     def target_time_embedding(self, t: torch.Tensor, t_target: torch.Tensor) -> torch.Tensor:
         """TwinFlow (arXiv 2512.05150) conditions a few-step model on where a step should land as well: the
