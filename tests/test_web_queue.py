@@ -116,9 +116,13 @@ def test_clear_removes_waiting_jobs_only(tmp_path: Path) -> None:
 
 @pytest.fixture
 def app(tmp_path: Path) -> Any:
+    return _web_app(Session(toy_env(tmp_path)), tmp_path)
+
+
+def _web_app(session: Session, tmp_path: Path) -> Any:
     from host.web.events import WebApp
 
-    web = WebApp(Session(toy_env(tmp_path)), tmp_path / "settings")
+    web = WebApp(session, tmp_path / "settings")
     web.c = {name: name for name in [*web.field_ids, "status", "family", "resolution", "page", "size_note"]}
     web.c |= {name: name for name in ("progress", "preview", "gallery", "queue", "settings_drop")}
     return web
@@ -146,7 +150,8 @@ def test_generate_validates_first_then_queues_and_the_page_polls_the_result(app:
     assert "Choose a model" in app.on_generate(*_values(model=None))["status"]
     page = app.on_tick({})["page"]  # the page opens: nothing old is shown
     snapped = app.on_generate(*_values(width=40))
-    assert "Queued job #1" in snapped["status"] and snapped["width"] == 48 and "40 -> 48" in snapped["size_note"]
+    assert snapped["width"] == 48 and "40 -> 48" in snapped["size_note"]
+    assert "status" not in snapped  # a queued job's status line comes from the poll only
     assert wait_until_idle(app.worker, 20)
     updates = app.on_tick(page)
     assert len(updates["gallery"]) == 1 and "seed 3" in updates["gallery"][0][1]
@@ -155,6 +160,32 @@ def test_generate_validates_first_then_queues_and_the_page_polls_the_result(app:
     assert set(again) == {"page"}  # nothing changed: nothing re-sent
     fresh = app.on_tick({})  # another page opened later sees none of the earlier images
     assert fresh["gallery"] == [] and fresh["page"]["start"] == 1 and "status" not in fresh
+
+
+def test_the_queued_line_is_the_jobs_first_event_and_never_hides_a_quick_failure(tmp_path: Path) -> None:
+    """A job that fails at once (its files are missing) used to lose its failure in the page: the poll showed it,
+    then Generate's reply, "Queued job #1", arrived and overwrote it, and the poll had nothing newer to show."""
+    session = SlowSession(toy_env(tmp_path))
+    worker = GenerationWorker(session)
+    worker.submit(session.prepare({"model_type": "toy", "num_inference_steps": 2}, "test"), "tab-a")
+    deadline = time.monotonic() + 10
+    while worker.snapshot().current is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    worker.submit(session.prepare({"model_type": "toy"}, "test"), "tab-a", ["size rounded"])
+    queued = worker.snapshot().event_of("tab-a")
+    assert queued.text == "Queued job #2 (toy, 32x32), 1 ahead of it. size rounded" and queued.level == "info"
+    session.steps.release(10)
+    assert wait_until_idle(worker, 20)
+    assert worker.snapshot().event_of("tab-a").version > queued.version
+
+    app = _web_app(Session(toy_env(tmp_path / "missing", files=False)), tmp_path)
+    page = app.on_tick({})["page"]
+    first = app.on_tick(page)  # the poll may run before Generate's reply has reached the page...
+    reply = app.on_generate(*_values())
+    assert wait_until_idle(app.worker, 20)
+    shown = app.on_tick(first["page"])
+    assert "status" not in reply  # ...so the reply carries no status line that could land after the failure
+    assert "failed" in shown["status"] and "put it at" in shown["status"] and "wgp-error" in shown["status"]
 
 
 def test_use_settings_of_a_saved_image_and_save_as_defaults(app: Any) -> None:
@@ -194,7 +225,7 @@ class Tab:
 def test_each_tab_sees_its_own_jobs_and_the_queue_table_shows_all(app: Any) -> None:
     a, b = Tab("tab-a"), Tab("tab-b")
     page_a, page_b = app.on_tick({}, a)["page"], app.on_tick({}, b)["page"]
-    assert "Queued job #1" in app.on_generate_in_tab(b, *_values(prompt="from b", seed=5))["status"]
+    app.on_generate_in_tab(b, *_values(prompt="from b", seed=5))
     assert wait_until_idle(app.worker, 20)
     seen_a, seen_b = app.on_tick(page_a, a), app.on_tick(page_b, b)
     assert "gallery" not in seen_a and "status" not in seen_a  # tab b's job is not shown as tab a's

@@ -327,11 +327,10 @@ class WebApp(LoraPanel, InputPreviews):
             task = self.session.prepare({**result.settings, "model_type": preset.model_type}, "web UI")
         except UserInputError as exc:
             return {c["status"]: status_html(f"Not queued: {exc}", "error")}
-        ahead = len(self.worker.snapshot().pending) + (0 if self.worker.idle() else 1)
-        job = self.worker.submit(task, owner)
-        text = f"Queued job #{job.id} ({task.model_type}, {task.settings.get('resolution', '')})"
-        text += f", {ahead} ahead of it." if ahead else "."
-        updates: dict[Any, Any] = {c["status"]: status_html(" ".join([text, *result.notes]), "info")}
+        # The status line of a queued job comes from the page's poll (`on_tick`), starting with the worker's
+        # "Queued job #N" event: written here as well, it could land after the poll had shown the job's end.
+        self.worker.submit(task, owner, result.notes)
+        updates: dict[Any, Any] = {}
         size_key = page_size_key(self.fields)
         if result.notes and size_key in task.settings:
             updates[c["width"]], updates[c["height"]] = parse_size(str(task.settings[size_key]))

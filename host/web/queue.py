@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,11 +146,19 @@ class GenerationWorker:
 
     # -- called by the page ---------------------------------------------------------------------
 
-    def submit(self, task: Task, owner: str = "") -> Job:
-        """Queue a validated task for the page `owner`; returns its job (its id is shown in the page)."""
+    def submit(self, task: Task, owner: str = "", notes: Sequence[str] = ()) -> Job:
+        """Queue a validated task for the page `owner`; returns its job.
+
+        "Queued job #N ..." (then `notes`) is the job's first event, so the page's status shows it through the
+        same poll as what follows, in order: a job that fails at once (missing files) cannot have its failure
+        overwritten by the queued line arriving late."""
         with self._wake:
             job = Job(next(self._ids), task, owner=owner)
+            ahead = len(self._pending) + (self._current is not None)
             self._pending.append(job)
+            text = f"Queued job #{job.id} ({task.model_type}, {task.settings.get('resolution', '')})"
+            text += f", {ahead} ahead of it." if ahead else "."
+            self._event = self._events[owner] = Event(next(self._event_versions), " ".join([text, *notes]))
             self._wake.notify()
         return job
 
